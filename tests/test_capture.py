@@ -1,0 +1,92 @@
+"""Capture statistics: exact against a hand computation, invariant to batching and padding side."""
+
+import pytest
+import torch
+
+from taskprune.capture import capture
+from taskprune.models import get_adapter
+from taskprune.models.synthetic import byte_tokenizer, tiny_model
+from taskprune.profile import Profile, load_profile, save_profile
+from taskprune.scoring import score
+
+TEXTS = ["Janet has 3 apples and buys 5 more.", "def add(a, b):\n    return a + b", "Hi!",
+         "The quick brown fox jumps over the lazy dog. " * 4, "What is 12 * 7?", "ok", "Paris is in France.",
+         "for i in range(10): print(i)", "x" * 40]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("qwen2")
+    return model, byte_tokenizer(), get_adapter("qwen2")
+
+
+def _reference(model, tok, adapter, texts):
+    """Per-prompt means of |h| computed one prompt at a time, no padding at all."""
+    rows = []
+    for text in texts:
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        hs = []
+        handles = [adapter.down_proj(m).register_forward_pre_hook(lambda mod, a: hs.append(a[0][0].abs().mean(0)))
+                   for m in adapter.mlps(model)]
+        with torch.no_grad():
+            model(ids)
+        for h in handles:
+            h.remove()
+        rows.append(torch.stack(hs).double())
+    return torch.stack(rows)  # [n, layers, d_ff]
+
+
+def test_matches_hand_computation(setup):
+    model, tok, adapter = setup
+    ref = _reference(model, tok, adapter, TEXTS)
+    s = capture(model, tok, TEXTS, adapter, batch_size=4, keep_per_prompt=True, progress=False)
+    assert s.n == len(TEXTS)
+    torch.testing.assert_close(s.sum, ref.sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.sumsq, ref.square().sum(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.per_prompt.double(), ref, rtol=1e-5, atol=1e-6)
+    assert s.tokens == sum(len(tok(t)["input_ids"]) for t in TEXTS)
+
+
+@pytest.mark.parametrize("batch_size,side", [(1, "right"), (3, "left"), (8, "right"), (8, "left"), (16, "left")])
+def test_invariant_to_batch_size_and_padding_side(setup, batch_size, side):
+    model, tok, adapter = setup
+    base = capture(model, tok, TEXTS, adapter, batch_size=2, padding_side="right", progress=False)
+    other = capture(model, tok, TEXTS, adapter, batch_size=batch_size, padding_side=side, progress=False)
+    for key in ("sum", "sumsq", "tok_sum", "tok_sumsq"):
+        torch.testing.assert_close(getattr(other, key), getattr(base, key), rtol=1e-5, atol=1e-6)
+    assert other.tokens == base.tokens and other.n == base.n
+
+
+def test_truncation_is_counted(setup):
+    model, tok, adapter = setup
+    s = capture(model, tok, TEXTS, adapter, max_length=10, progress=False)
+    assert s.truncated == sum(len(tok(t)["input_ids"]) > 10 for t in TEXTS)
+    assert s.tokens == sum(min(len(tok(t)["input_ids"]), 10) for t in TEXTS)
+
+
+def test_statistics_memory_does_not_grow_with_prompts(setup):
+    model, tok, adapter = setup
+    small = capture(model, tok, TEXTS[:2], adapter, progress=False)
+    large = capture(model, tok, TEXTS * 5, adapter, progress=False)
+    sizes = lambda s: [t.numel() for t in (s.sum, s.sumsq, s.tok_sum, s.tok_sumsq)]  # noqa: E731
+    assert sizes(small) == sizes(large) and large.per_prompt is None
+
+
+def test_selectivity_streamed_equals_direct(setup, tmp_path):
+    model, tok, adapter = setup
+    target = capture(model, tok, TEXTS[:5], adapter, keep_per_prompt=True, progress=False)
+    d1 = capture(model, tok, TEXTS[5:], adapter, keep_per_prompt=True, progress=False)
+    d2 = capture(model, tok, [t.upper() for t in TEXTS], adapter, keep_per_prompt=True, progress=False)
+    meta = {"model": {"num_layers": 2, "d_ff": 256, "config_hash": "x", "spec": "tiny"},
+            "sets": [{"name": "t", "role": "target"}, {"name": "d1", "role": "distractor"},
+                     {"name": "d2", "role": "distractor"}], "capture": {}}
+    profile = Profile(meta, {"t": target, "d1": d1, "d2": d2})
+    save_profile(profile, tmp_path / "p")
+    loaded = load_profile(tmp_path / "p")
+    s = score("selectivity", loaded)
+    A_t = target.per_prompt.double()
+    A_d = torch.cat([d1.per_prompt, d2.per_prompt]).double()
+    direct = (A_t.mean(0) - A_d.mean(0)) / (torch.cat([A_t, A_d]).std(0, unbiased=True) + 1e-6)
+    torch.testing.assert_close(s, direct, rtol=1e-4, atol=1e-4)
+    assert loaded.stats["d2"].per_prompt.shape == (len(TEXTS), 2, 256)
+    torch.testing.assert_close(score("activation", loaded), A_t.mean(0), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,132 @@
+"""The command line end to end on tiny local checkpoints, and every bad input's message and exit code."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from taskprune.cli import main
+from taskprune.models.synthetic import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_capture_score_prune_info(tiny_dir, tmp_path, capsys):
+    profile = tmp_path / "profile"
+    code, out, err = run(["capture", "--model", tiny_dir, "--target", "gsm8k", "--distractor", "squad,chitchat",
+                          "--n", 6, "--max-length", 64, "--dtype", "float32", "--out", profile], capsys)
+    assert code == 0, err
+    meta = json.loads((profile / "profile.json").read_text())
+    assert [s["role"] for s in meta["sets"]] == ["target", "distractor", "distractor"]
+    assert meta["counts"]["gsm8k"]["n"] == 6 and meta["capture"]["template"] == "chat"
+    code, out, _ = run(["score", "--profile", profile, "--out", tmp_path / "s.safetensors"], capsys)
+    assert code == 0 and "target-leaning" in out and (tmp_path / "s.safetensors").is_file()
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(["prune", "--model", tiny_dir, "--profile", profile, "--ratio", 0.2, "--align", 32,
+                          "--dtype", "float32", "--out", out_dir], capsys)
+    assert code == 0, err
+    assert "d_ff 256 -> 192" in out and "0.2 nominal, 0.2500 exact" in out
+    record = json.loads((out_dir / "pruning.json").read_text())
+    assert record["scorer"] == "selectivity" and record["profile"]["hash"] and record["plan"]["strategy"] == "selective"
+    assert AutoModelForCausalLM.from_pretrained(out_dir).config.intermediate_size == 192
+    code, out, _ = run(["info", out_dir], capsys)
+    assert code == 0 and "d_ff 256 -> 192" in out
+    code, out, _ = run(["info", profile], capsys)
+    assert code == 0 and "target     gsm8k: 6 prompts" in out
+
+
+def test_one_shot_prune_reuses_capture(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TASKPRUNE_CACHE", str(tmp_path / "cache"))
+    args = ["prune", "--model", tiny_dir, "--target", "mbpp", "--distractor", "squad", "--n", 4,
+            "--max-length", 48, "--ratio", 0.1, "--align", 64, "--dtype", "float32"]
+    code, out, err = run(args + ["--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    code, out, err = run(args + ["--strategy", "reverse", "--out", tmp_path / "b"], capsys)
+    assert code == 0 and "reusing cached profile" in out
+    a = json.loads((tmp_path / "a" / "pruning.json").read_text())["plan"]["keep"]
+    b = json.loads((tmp_path / "b" / "pruning.json").read_text())["plan"]["keep"]
+    assert a != b and len(a[0]) == len(b[0]) == 192
+
+
+def test_random_needs_no_profile(tiny_dir, tmp_path, capsys):
+    code, out, err = run(["prune", "--model", tiny_dir, "--strategy", "random", "--seed", 33, "--ratio", 0.3,
+                          "--align", 16, "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "r" / "pruning.json").read_text())["plan"]
+    assert plan["seed"] == 33 and plan["kept_width"] == 176
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    path = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(path)
+    code, _, err = run(["prune", "--model", path, "--strategy", "random", "--ratio", 0.1, "--out", tmp_path / "o"],
+                       capsys)
+    assert code == 2 and "'gpt2' is not supported" in err and "qwen2" in err and "phi3" in err
+
+
+@pytest.mark.parametrize("ratio,message", [(0, "strictly between 0 and 1"), (1.2, "strictly between 0 and 1"),
+                                           (0.9, "fewer than one block")])
+def test_bad_ratio(tiny_dir, tmp_path, capsys, ratio, message):
+    code, _, err = run(["prune", "--model", tiny_dir, "--strategy", "random", "--ratio", ratio,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and message in err and not (tmp_path / "o").exists()
+
+
+def test_profile_from_another_model(tiny_dir, other_dir, tmp_path, capsys):
+    profile = tmp_path / "p"
+    assert run(["capture", "--model", other_dir, "--target", "gsm8k", "--distractor", "squad", "--n", 2,
+                "--max-length", 32, "--out", profile], capsys)[0] == 0
+    code, _, err = run(["prune", "--model", tiny_dir, "--profile", profile, "--ratio", 0.2, "--align", 32,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "config hash" in err and "capture a new profile" in err
+
+
+def test_missing_and_malformed_data(tiny_dir, tmp_path, capsys):
+    code, _, err = run(["capture", "--model", tiny_dir, "--target", tmp_path / "nope.jsonl", "--distractor", "squad",
+                        "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "nope.jsonl does not exist" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    code, _, err = run(["capture", "--model", tiny_dir, "--target", bad, "--distractor", "squad",
+                        "--out", tmp_path / "p"], capsys)
+    assert code == 2 and "bad.jsonl:2: not valid JSON" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_existing_output(tiny_dir, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    code, _, err = run(["prune", "--model", tiny_dir, "--strategy", "random", "--ratio", 0.1, "--align", 16,
+                        "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    code, _, err = run(["prune", "--model", tiny_dir, "--strategy", "random", "--ratio", 0.1, "--align", 16,
+                        "--out", tmp_path / "o", "--overwrite"], capsys)
+    assert code == 0, err
+
+
+def test_unknown_model_and_exit_code_from_shell(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "taskprune.cli", "prune", "--model", str(tmp_path / "nothing"),
+                           "--strategy", "random", "--ratio", "0.1", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot find model" in proc.stderr

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from taskprune.data import DataError, format_text, load_examples, sample
+from taskprune.models.synthetic import byte_tokenizer
+
+
+@pytest.mark.parametrize("name,split,count", [("gsm8k", "train", 7473), ("gsm8k", "test", 1319), ("squad", None, 10570),
+                                              ("mbpp", "train", 374), ("mbpp", "test", 500), ("humaneval", None, 164)])
+def test_registry_sizes(data_dir, name, split, count):
+    assert len(load_examples(name, data_dir, split)) == count
+
+
+def test_chitchat_and_fields(data_dir):
+    chat = load_examples("chitchat")
+    assert len(chat) > 1000 and all(ex.prompt and ex.response for ex in chat[:50])
+    mbpp = load_examples("mbpp", data_dir, "test")[0]
+    assert mbpp.id == "mbpp/11" and mbpp.meta["test_list"] and "def " in mbpp.response
+    squad = load_examples("squad", data_dir)[0]
+    assert "\n\nQuestion: " in squad.prompt and squad.response
+
+
+def test_sample_is_seeded():
+    items = load_examples("humaneval")
+    a, b, c = sample(items, 10, 0), sample(items, 10, 0), sample(items, 10, 1)
+    assert a == b and a != c and len(a) == 10
+    assert sample(items, None, 0) == items and sample(items, 1000, 0) == items
+
+
+def test_local_jsonl_with_named_field(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"text {i}", "other": i}) for i in range(3)) + "\n")
+    ex = load_examples(f"{path}:body")
+    assert [e.prompt for e in ex] == ["text 0", "text 1", "text 2"]
+    with pytest.raises(DataError, match="no text field 'text'"):
+        load_examples(str(path))
+
+
+def test_local_json_list(tmp_path):
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert [e.prompt for e in load_examples(str(path))] == ["a", "b"]
+
+
+def test_malformed_and_empty_files(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        load_examples(str(bad))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        load_examples(str(empty))
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="unknown data set"):
+        load_examples("not-a-dataset")
+
+
+def test_missing_local_copy_explains_fix(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as on a machine without `datasets`
+    with pytest.raises(DataError, match="TASKPRUNE_DATA"):
+        load_examples("gsm8k", tmp_path)
+
+
+def test_format_text_chat_raw_and_response():
+    tok = byte_tokenizer()
+    ex = load_examples("humaneval")[0]
+    chat = format_text(tok, ex, "chat", "prompt")
+    assert chat.startswith("<|im_start|>user\n") and chat.endswith("<|im_start|>assistant\n")
+    both = format_text(tok, ex, "chat", "prompt+response")
+    assert ex.response in both and not both.endswith("assistant\n")
+    assert format_text(tok, ex, "raw", "prompt") == ex.prompt
