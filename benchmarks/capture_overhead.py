@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="prompts (half MBPP, half SQuAD)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     lm = load_model(args.model, args.dtype)
@@ -68,11 +68,15 @@ def main() -> None:
     kw = dict(max_length=args.max_length, batch_size=args.batch_size)
     best = {"capture": float("inf"), "decoder": float("inf"), "full": float("inf")}
     tokens = plain_forward(lm.model, lm.tokenizer, texts[:args.batch_size], args.max_length, args.batch_size, True)  # warm-up
-    for _ in range(args.repeats):
-        best["decoder"] = min(best["decoder"], timed(lambda: plain_forward(lm.model, lm.tokenizer, texts, full=False, **kw)))
-        best["capture"] = min(best["capture"], timed(lambda: capture(lm.model, lm.tokenizer, texts, lm.adapter,
-                                                                      progress=False, **kw)))
-        best["full"] = min(best["full"], timed(lambda: plain_forward(lm.model, lm.tokenizer, texts, full=True, **kw)))
+    runs = {
+        "decoder": lambda: plain_forward(lm.model, lm.tokenizer, texts, full=False, **kw),
+        "capture": lambda: capture(lm.model, lm.tokenizer, texts, lm.adapter, progress=False, **kw),
+        "full": lambda: plain_forward(lm.model, lm.tokenizer, texts, full=True, **kw),
+    }
+    names = list(runs)
+    for rep in range(args.repeats):  # rotate the order so no variant always runs first
+        for name in names[rep % 3:] + names[:rep % 3]:
+            best[name] = min(best[name], timed(runs[name]))
     tokens = plain_forward(lm.model, lm.tokenizer, texts, full=False, **kw)
     for name, seconds in best.items():
         print(f"{name:8s} {tokens / seconds:8.1f} tokens/s  ({seconds:.2f} s for {tokens} tokens)")
