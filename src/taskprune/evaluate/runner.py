@@ -1,0 +1,196 @@
+"""Run tasks on a model: generate (resumable, one JSONL line per sample), score, trap-check, summarise.
+
+Layout of an evaluation directory:
+
+    <out>/<task>.jsonl     one record per sample: prompt, output, new tokens, EOS, time, score, trap
+    <out>/summary.json     per task: accuracy or similarity, trap %, Type 1/2 %, speed; resources
+
+Generation appends a line as each sample finishes, so an interrupted run resumes where it stopped;
+scoring fills in the records that have no score yet and rewrites the file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from taskprune.data import Example
+from taskprune.evaluate.generate import generate
+from taskprune.evaluate.resources import (checkpoint_bytes, decode_tokens_per_second, parameter_count,
+                                          peak_memory_bytes, reset_peak_memory)
+from taskprune.evaluate.sandbox import run_many
+from taskprune.evaluate.tasks import Task, get_task
+from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
+from taskprune.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    limit: int | None = None  # items per task (None: the task's default)
+    batch_size: int = 8
+    trap_budget: int = 1024  # generate this far to see whether an output ever ends (0: task budget only)
+    stop_at_boxed: bool = False  # the paper's custom stopping criterion for GSM8K
+    sandbox_timeout: float = 3.0
+    speed_prompts: int = 3  # prompts for the batch-1 tokens/s measurement (0: skip)
+    data_dir: str | None = None
+    max_new_tokens: int | None = None  # overrides every task's own budget
+
+
+def chat_prompt(tokenizer, message: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return message
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """Records by id; a torn last line (a killed run) is dropped and regenerated."""
+    records = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            records[rec["id"]] = rec
+    return records
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path: Path, budget: int,
+                     settings: EvalSettings, progress: bool = True) -> dict[str, dict]:
+    """Generate for every example without a record in `path`, appending as samples finish."""
+    done = read_records(path)
+    todo = [ex for ex in examples if ex.id not in done]
+    if todo:
+        prompts = [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in todo]
+        stop = task.stop if (settings.stop_at_boxed and task.stop) else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if done:  # drop a torn last line before appending
+            write_records(path, list(done.values()))
+        with open(path, "a", encoding="utf-8") as fh:
+            def on_record(r) -> None:
+                rec = {"id": todo[r.index].id, "prompt": r.prompt, "output": r.output, "new_tokens": r.new_tokens,
+                       "ended_by_eos": r.ended_by_eos, "stopped_by": r.stopped_by, "seconds": r.seconds,
+                       "budget": budget}
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                done[rec["id"]] = rec
+            generate(lm.model, lm.tokenizer, prompts, budget, batch_size=settings.batch_size, stop=stop,
+                     progress=progress, on_record=on_record)
+    return done
+
+
+def _within_budget(tokenizer, rec: dict, budget: int) -> str:
+    """The output as the task's own budget would have cut it (generation may have run to the trap budget)."""
+    if rec["new_tokens"] <= budget:
+        return rec["output"]
+    ids = tokenizer(rec["output"], add_special_tokens=False)["input_ids"][:budget]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _trap(task: Task, ex: Example, rec: dict) -> dict:
+    text = rec["output"]
+    no_eos = rec["stopped_by"] == "budget" and not rec["ended_by_eos"]
+    looped = repetition_loop(text)
+    before = prefix_before_loop(text) if looped else text
+    verdict = classify_trap(text, hit_budget_without_eos=no_eos,
+                            answer_complete_before_loop=task.answer_complete(ex, before))
+    return {"trap": verdict.is_trap, "trap_type": verdict.kind, "trap_reason": verdict.reason}
+
+
+def score_records(lm: LoadedModel, task: Task, examples: list[Example], records: dict[str, dict],
+                  settings: EvalSettings, references: dict[str, str] | None = None, similarity=None) -> list[dict]:
+    """Fill in `correct` (accuracy tasks) or `similarity`, and the trap verdict, where missing."""
+    by_id = {ex.id: ex for ex in examples}
+    rows = [records[ex.id] for ex in examples if ex.id in records]
+    pending = [r for r in rows if "trap" not in r]
+    for r in pending:
+        r["task_output"] = _within_budget(lm.tokenizer, r, task.max_new_tokens)
+        r.update(_trap(task, by_id[r["id"]], r))
+    if task.kind == "accuracy" and task.program is not None:
+        programs = [task.program(by_id[r["id"]], r["task_output"]) for r in pending]
+        results = run_many(programs, timeout_s=settings.sandbox_timeout)
+        for r, res in zip(pending, results):
+            r["correct"], r["sandbox_status"] = res.passed, res.status
+    elif task.kind == "accuracy":
+        for r in pending:
+            r["correct"] = task.grade(by_id[r["id"]], r["task_output"])
+    else:
+        if similarity is None:
+            raise ValueError(f"task {task.name} needs a similarity scorer")
+        # No reference model (an unpruned model evaluated alone): it is its own reference.
+        refs = [references[r["id"]] if references is not None else r["task_output"] for r in pending]
+        cands = [r["task_output"] for r in pending]
+        metric = similarity.bertscore if task.name == "squad-sim" else similarity.sbert
+        for r, ref, value in zip(pending, refs, metric(cands, refs) if pending else []):
+            r["reference"], r["similarity"] = ref, float(value)
+    return rows
+
+
+def summarise(task: Task, rows: list[dict]) -> dict:
+    n = len(rows)
+    pct = lambda k: 100.0 * sum(k(r) for r in rows) / n if n else 0.0  # noqa: E731
+    out = {"task": task.name, "kind": task.kind, "n": n,
+           "trap_pct": pct(lambda r: r["trap"]), "type1_pct": pct(lambda r: r["trap_type"] == "type1"),
+           "type2_pct": pct(lambda r: r["trap_type"] == "type2"),
+           "no_eos_pct": pct(lambda r: not r["ended_by_eos"] and r["stopped_by"] != "stop"),
+           "mean_new_tokens": sum(r["new_tokens"] for r in rows) / n if n else 0.0,
+           "tokens_per_s": (sum(r["new_tokens"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9))}
+    if task.kind == "accuracy":
+        out["accuracy"] = pct(lambda r: r["correct"]) / 100.0
+    else:
+        out["similarity"] = sum(r["similarity"] for r in rows) / n if n else 0.0
+    return out
+
+
+def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
+             references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True) -> dict:
+    """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(lm.model.parameters()).device
+    reset_peak_memory(device)
+    summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}
+    if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
+        summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
+    for name in task_names:
+        task = get_task(name)
+        if settings.max_new_tokens:
+            task = replace(task, max_new_tokens=settings.max_new_tokens)
+        examples = task.examples(settings.data_dir, settings.limit)
+        budget = max(task.max_new_tokens, settings.trap_budget)
+        start = time.perf_counter()
+        records = generate_records(lm, task, examples, out_dir / f"{name}.jsonl", budget, settings, progress)
+        rows = score_records(lm, task, examples, records, settings, (references or {}).get(name), similarity)
+        write_records(out_dir / f"{name}.jsonl", rows)
+        result = summarise(task, rows)
+        result["wall_s_this_run"] = time.perf_counter() - start
+        summary["tasks"][name] = result
+        if progress:
+            metric = f"accuracy {result['accuracy']:.3f}" if "accuracy" in result else f"similarity {result['similarity']:.3f}"
+            print(f"{name}: {metric} on {result['n']}, traps {result['trap_pct']:.1f}% "
+                  f"(type 1 {result['type1_pct']:.1f}%, type 2 {result['type2_pct']:.1f}%), "
+                  f"{result['tokens_per_s']:.1f} tokens/s")
+    peak, how = peak_memory_bytes(device)
+    speed_prompts = [chat_prompt(lm.tokenizer, get_task(task_names[0]).user_message(ex))
+                     for ex in get_task(task_names[0]).examples(settings.data_dir, settings.speed_prompts)]
+    summary["resources"] = {
+        "parameters": parameter_count(lm.model),
+        "checkpoint_bytes": checkpoint_bytes(lm.source.get("path")),
+        "peak_memory_bytes": peak, "peak_memory_kind": how,
+        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
+        "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, speed_prompts)
+        if settings.speed_prompts else None,
+        "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items()},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,72 @@
+"""The evaluation runner: scoring paths on hand-made outputs, traps, resume without loss or duplicates."""
+
+import json
+
+import pytest
+
+from taskprune.evaluate.runner import EvalSettings, evaluate, read_records, score_records, summarise
+from taskprune.evaluate.tasks import TASKS, get_task, mbpp_entry_point
+from taskprune.models import LoadedModel, get_adapter
+from taskprune.models.synthetic import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return LoadedModel(tiny_model("qwen2"), byte_tokenizer(), get_adapter("qwen2"), {"spec": "tiny"})
+
+
+def _record(ex_id, output, eos=True, stopped_by="eos", new_tokens=20):
+    return {"id": ex_id, "prompt": "p", "output": output, "new_tokens": new_tokens, "ended_by_eos": eos,
+            "stopped_by": stopped_by, "seconds": 0.5, "budget": 1024}
+
+
+def test_gsm8k_scoring_and_traps(lm, data_dir):
+    task = get_task("gsm8k")
+    exs = task.examples(data_dir, 3)  # Janet's ducks: 18
+    loop = " I repeat myself again and again." * 30
+    records = {exs[0].id: _record(exs[0].id, "16 - 3 - 4 = 9 eggs, 9 * 2 = 18. \\boxed{18}"),
+               exs[1].id: _record(exs[1].id, "The answer is \\boxed{3}." + loop, eos=False, stopped_by="budget",
+                                  new_tokens=1024),
+               exs[2].id: _record(exs[2].id, "Let me think." + loop, eos=False, stopped_by="budget", new_tokens=1024)}
+    rows = score_records(lm, task, exs, records, EvalSettings())
+    assert [r["correct"] for r in rows] == [True, True, False]  # an answer before a trap still counts
+    assert [r["trap_type"] for r in rows] == ["none", "type1", "type2"]
+    s = summarise(task, rows)
+    assert s["accuracy"] == pytest.approx(2 / 3) and s["trap_pct"] == pytest.approx(200 / 3)
+    assert s["type1_pct"] == pytest.approx(100 / 3) and s["type2_pct"] == pytest.approx(100 / 3)
+
+
+def test_code_tasks_run_in_sandbox(lm, data_dir):
+    he = get_task("humaneval")
+    exs = he.examples(data_dir, 2)
+    good = "```python\n" + exs[0].prompt + exs[0].response + "\n```\nThis works because..."
+    records = {exs[0].id: _record(exs[0].id, good),
+               exs[1].id: _record(exs[1].id, "def separate_paren_groups(s):\n    return []\n")}
+    rows = score_records(lm, he, exs, records, EvalSettings())
+    assert [r["correct"] for r in rows] == [True, False]
+    mb = get_task("mbpp")
+    ex = mb.examples(data_dir, 1)[0]
+    assert mbpp_entry_point(ex) == "remove_Occ"
+    rows = score_records(lm, mb, [ex], {ex.id: _record(ex.id, ex.response)}, EvalSettings())
+    assert rows[0]["correct"] is True
+
+
+def test_evaluate_resumes_without_loss_or_duplicates(lm, data_dir, tmp_path):
+    settings = EvalSettings(limit=3, batch_size=2, trap_budget=0, speed_prompts=0, data_dir=str(data_dir))
+    path = tmp_path / "gsm8k.jsonl"
+    first = get_task("gsm8k").examples(data_dir, 3)[0]
+    path.write_text(json.dumps(_record(first.id, "kept from the first run \\boxed{1}")) + "\n" + '{"id": "torn')
+    summary = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(ex.id for ex in get_task("gsm8k").examples(data_dir, 3))
+    assert read_records(path)[first.id]["output"] == "kept from the first run \\boxed{1}"
+    assert summary["tasks"]["gsm8k"]["n"] == 3 and 0 <= summary["tasks"]["gsm8k"]["accuracy"] <= 1
+    again = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)  # nothing left to generate
+    assert again["tasks"]["gsm8k"]["n"] == 3 and len(path.read_text().splitlines()) == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["resources"]["parameters"] > 0
+
+
+def test_task_registry():
+    assert set(TASKS) == {"gsm8k", "humaneval", "mbpp", "squad-sim", "dialogue-sim"}
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("gsm9k")
