@@ -6,6 +6,8 @@
     taskprune info     PROFILE_OR_CHECKPOINT
     taskprune eval     --model M --tasks gsm8k,humaneval,squad-sim,dialogue-sim --limit N --out DIR
     taskprune generate --model M --prompt TEXT
+    taskprune run      CONFIG.yaml [--out RUN_DIR]
+    taskprune report   RUN_DIR
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from taskprune import __version__
@@ -226,6 +229,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from taskprune.config import load_config
+    from taskprune.sweep import run_study
+    cfg = load_config(args.config)
+    run_dir = args.out or Path("runs") / cfg.name
+    start = time.perf_counter()
+    run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=args.data_dir)
+    if not args.no_report:
+        from taskprune.report import write_report
+        md, html = write_report(run_dir)
+        print(f"report: {html} (Markdown: {md})")
+    print(f"study {cfg.name} finished in {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.sqlite'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from taskprune.report import write_report
+    if not (args.run_dir / "results.sqlite").is_file():
+        raise FileNotFoundError(f"{args.run_dir} has no results.sqlite; run a study first (taskprune run CONFIG)")
+    md, html = write_report(args.run_dir, args.out)
+    print(f"report: {html} (Markdown: {md})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskprune", description="Task-specific structured pruning of LLM MLP neurons (arXiv 2604.27115).",
@@ -299,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("run", help="run a whole study from a YAML config (resumable) and write its report",
+                       description="Capture once, then prune, (recover,) and evaluate every cell of the config; "
+                                   "one SQLite row per variant x task. Kill it and run it again to continue.")
+    p.add_argument("config", type=Path, help="study config, e.g. configs/demo.yaml")
+    p.add_argument("--out", type=Path, default=None, help="study directory (default runs/<config name>)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep pruned/recovered checkpoints on disk")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="write the Markdown and HTML report of a study directory")
+    p.add_argument("run_dir", type=Path, help="a study directory made by taskprune run")
+    p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the study directory)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("info", help="describe a profile or a pruned checkpoint")
     p.add_argument("path", type=Path, help="profile directory or checkpoint directory")
     p.set_defaults(func=cmd_info)
@@ -313,13 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from taskprune.config import ConfigError
     from taskprune.data import DataError
     from taskprune.models import ModelLoadError, UnsupportedArchitectureError
     from taskprune.plan import PlanError
     from taskprune.profile import ProfileError
     try:
         return args.func(args)
-    except (DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
+    except (ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
             FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"taskprune {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,213 @@
+"""`taskprune run CONFIG`: every cell of a study (scorer x strategy x ratio x seed, before and after
+recovery) from one capture, evaluated and stored one row per variant x task.
+
+Each artifact is cached by what made it: the profile by the capture settings and model, the
+per-sample evaluation records by variant and evaluation settings, result rows by variant and task.
+Killed at any moment and started again, a study continues where it stopped; rows are written with
+`INSERT OR REPLACE` once a variant x task is complete, so none is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import yaml
+
+from taskprune.config import StudyConfig, to_dict
+from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
+from taskprune.evaluate.tasks import get_task
+from taskprune.models import LoadedModel, config_hash, load_model
+from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profile
+from taskprune.profile import load_profile, save_profile
+from taskprune.results import ResultRow, ResultStore
+from taskprune.scoring import score
+from taskprune.surgery import prune_model, save_pruned
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str
+    scorer: str | None  # None for random
+    ratio: float
+    seed: int | None  # random only
+
+    def name(self, recovered: bool = False) -> str:
+        parts = [self.strategy] + ([self.scorer] if self.scorer else []) + [f"r{self.ratio:g}"]
+        parts += [f"s{self.seed}"] if self.seed is not None else []
+        return "-".join(parts) + ("-rec" if recovered else "")
+
+
+def cells(cfg: StudyConfig) -> list[Cell]:
+    out = []
+    for ratio in cfg.ratios:
+        for strategy in cfg.strategies:
+            if strategy == "random":
+                out += [Cell("random", None, ratio, seed) for seed in cfg.seeds]
+            else:
+                out += [Cell(strategy, scorer, ratio, None) for scorer in cfg.scorers]
+    return out
+
+
+def _eval_key(cfg: StudyConfig) -> str:
+    blob = json.dumps([to_dict(cfg.evaluation), cfg.dtype], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+class Study:
+    """One study directory: config, profile, per-variant evaluations, `results.sqlite`, report."""
+
+    def __init__(self, cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
+                 data_dir: str | None = None):
+        self.cfg, self.dir, self.keep, self.progress, self.data_dir = cfg, Path(run_dir), keep_checkpoints, progress, data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        saved = self.dir / "config.yaml"
+        if saved.is_file():
+            previous = yaml.safe_load(saved.read_text())
+            if previous.get("_hash") != cfg.hash():
+                raise ValueError(f"{self.dir} holds a study made with another config; use another --out "
+                                 f"(or delete {self.dir}) to start this one")
+        else:
+            saved.write_text(yaml.safe_dump({**to_dict(cfg), "_hash": cfg.hash()}, sort_keys=False))
+        self.store = ResultStore(self.dir / "results.sqlite")
+        self.eval_key = _eval_key(cfg)
+        self.similarity = None
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def profile(self, lm: LoadedModel):
+        c = self.cfg.capture
+        settings = CaptureSettings(n=c.n, seed=c.seed, max_length=c.max_length, template=c.template,
+                                   content=c.content, batch_size=c.batch_size)
+        path = self.dir / "profile"
+        if (path / "profile.json").is_file():
+            profile = load_profile(path)
+            profile.check_model(config_hash(lm.model.config), where=str(path))
+            self.log(f"reusing profile {path}")
+        else:
+            profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
+                                      progress=self.progress)
+            save_profile(profile, path)
+        layers_file = self.dir / "layers.json"
+        if not layers_file.is_file():
+            sel = score("selectivity", profile)
+            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
+                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
+        return profile
+
+    def _settings(self, task: str, first: bool) -> EvalSettings:
+        e = self.cfg.evaluation
+        return EvalSettings(limit=e.limit.get(task), batch_size=e.batch_size, trap_budget=e.trap_budget,
+                            stop_at_boxed=e.stop_at_boxed, max_new_tokens=e.max_new_tokens,
+                            speed_prompts=3 if first else 0, data_dir=self.data_dir)
+
+    def _similarity(self):
+        if self.similarity is None:
+            from taskprune.evaluate.similarity import SimilarityScorer
+            self.similarity = SimilarityScorer()
+        return self.similarity
+
+    def _references(self, task: str) -> dict[str, str] | None:
+        if get_task(task).kind != "similarity":
+            return None
+        base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / f"{task}.jsonl")
+        return {i: r.get("task_output", r["output"]) for i, r in base.items()}
+
+    def evaluate_variant(self, lm: LoadedModel, variant: str, cell: Cell | None, exact_ratio: float,
+                         recovered: bool) -> None:
+        """Evaluate every task not yet stored for `variant` and store one row per task."""
+        todo = [t for t in self.cfg.evaluation.tasks if not self.store.has(variant, t)]
+        if not todo:
+            self.log(f"{variant}: done already")
+            return
+        out = self.dir / "eval" / f"{variant}-{self.eval_key}"
+        batch1 = None
+        for i, task in enumerate(todo):
+            start = time.perf_counter()
+            sim = self._similarity() if get_task(task).kind == "similarity" else None
+            refs = None if variant == "base" else self._references(task)  # the baseline is its own reference
+            summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
+                               progress=self.progress)
+            res, t = summary["resources"], summary["tasks"][task]
+            batch1 = res["tokens_per_s_batch1"] or batch1
+            records = read_records(out / f"{task}.jsonl")
+            items = [{"item_id": r["id"], "score": float(r["correct"]) if "correct" in r else r.get("similarity"),
+                      "trap": r["trap"], "trap_type": r["trap_type"]} for r in records.values()]
+            self.store.put(ResultRow(
+                variant=variant, task=task, strategy=cell.strategy if cell else "none",
+                ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
+                model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
+                capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
+                scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
+                accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t["trap_pct"],
+                type1_pct=t["type1_pct"], type2_pct=t["type2_pct"], no_eos_pct=t["no_eos_pct"],
+                parameters=res["parameters"], checkpoint_bytes=_param_bytes(lm.model),  # weights at the evaluation dtype
+                peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
+                tokens_per_s_eval=t["tokens_per_s"], wall_s=time.perf_counter() - start,
+                config_hash=self.cfg.hash()), items)
+
+    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model) -> None:
+        from taskprune.recover import RecoveryConfig, recover
+        variant = cell.name(recovered=True)
+        if all(self.store.has(variant, t) for t in self.cfg.evaluation.tasks):
+            self.log(f"{variant}: done already")
+            return
+        ckpt = self.dir / "checkpoints"
+        pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
+        if not (rec_dir / "config.json").is_file():
+            if not (pruned_dir / "config.json").is_file():
+                save_pruned(model, lm.tokenizer, pruned_dir, {
+                    "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
+                    "parameters": {}}, overwrite=True)
+            r = self.cfg.recovery
+            overrides = {k: v for k, v in (("max_examples", r.max_examples), ("epochs", r.epochs)) if v is not None}
+            config = replace(RecoveryConfig.preset(r.preset), **overrides)
+            recover(str(pruned_dir), r.preset, rec_dir, config, data_dir=self.data_dir, dtype=self.cfg.dtype,
+                    overwrite=True, progress=self.progress)
+        recovered = load_model(str(rec_dir), self.cfg.dtype)
+        self.evaluate_variant(recovered, variant, cell, plan.exact_ratio, recovered=True)
+        if not self.keep:
+            shutil.rmtree(pruned_dir, ignore_errors=True)
+            shutil.rmtree(rec_dir, ignore_errors=True)
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        lm = load_model(cfg.model, cfg.dtype)
+        profile = self.profile(lm)
+        pristine = copy.deepcopy(lm.model)
+        if cfg.baseline or any(get_task(t).kind == "similarity" for t in cfg.evaluation.tasks):
+            self.log("== baseline (unpruned)")
+            self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
+        todo = cells(cfg)
+        for k, cell in enumerate(todo, 1):
+            self.log(f"== [{k}/{len(todo)}] {cell.name()}")
+            plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
+                                        cell.seed, model=pristine, adapter=lm.adapter)
+            model = prune_model(copy.deepcopy(pristine), lm.adapter, plan)
+            variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
+            self.evaluate_variant(variant_lm, cell.name(), cell, plan.exact_ratio, recovered=False)
+            r = cfg.recovery
+            if r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios):
+                self.log(f"== [{k}/{len(todo)}] {cell.name(recovered=True)} (LoRA recovery, preset {r.preset})")
+                self.recover_variant(lm, cell, plan, model)
+            del model, variant_lm
+        return self.dir
+
+
+def run_study(cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
+              data_dir: str | None = None) -> Path:
+    return Study(cfg, run_dir, keep_checkpoints, progress, data_dir).run()
+
