@@ -1,0 +1,295 @@
+"""`taskprune report`: pinned numbers of a hand-made study, a self-contained HTML, graceful gaps,
+and the pure functions of report/tables.py on hand cases."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from taskprune.report import write_report
+from taskprune.report import tables as T
+from taskprune.report.render import sentence
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "study"
+SIM = ("squad-sim", "dialogue-sim")
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("study_fixture_build", FIXTURE / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+BUILD = _builder()
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    run = BUILD.build(tmp_path_factory.mktemp("study"))
+    out = tmp_path_factory.mktemp("report")
+    md, html = write_report(run, out)
+    return run, out, md.read_text(), html.read_text()
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """No recovery, no similarity, no layers.json, no config.yaml, no items; two scorers."""
+    data = copy.deepcopy(BUILD.load())
+    cols = data["columns"]
+    extra = []
+    for values in data["rows"]:
+        row = dict(zip(cols, values))
+        if row["strategy"] == "selective" and row["task"] == "humaneval" and not row["recovered"]:
+            row.update(variant=row["variant"].replace("selectivity", "wanda-sp"), scorer="wanda-sp",
+                       accuracy=round(row["accuracy"] - 0.15, 2))
+            extra.append([row[c] for c in cols])
+    data["rows"] += extra
+    data["items"] = {}
+    run = BUILD.build(tmp_path_factory.mktemp("partial"), data, layers=False, config=False,
+                      drop=lambda r: bool(r["recovered"]) or r["task"] in SIM)
+    md, html = write_report(run)  # default out_dir: the study directory
+    return run, md.read_text(), html.read_text()
+
+
+def _row(md: str, label: str, after: str = "") -> str:
+    """The first Markdown table row starting with `| label |` after the text `after`."""
+    start = md.index(after) if after else 0
+    m = re.search(r"^\| " + re.escape(label) + r" \|.*$", md[start:], re.M)
+    assert m, f"no row {label!r} after {after!r}"
+    return m.group(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The full fixture
+
+
+def test_header_and_baseline(full):
+    _, _, md, _ = full
+    assert "Qwen/Qwen2.5-Coder-0.5B-Instruct" in md
+    assert "**Target:** mbpp" in md and "squad,chitchat" in md
+    assert "**Tasks:** humaneval, gsm8k, squad-sim, dialogue-sim" in md
+    assert "33 rows (11 model variants x task)" in md
+    assert "| humaneval | accuracy | 60.0% |" in md
+    assert "| gsm8k | accuracy | 50.0% |" in md
+
+
+def test_accuracy_table(full):
+    md = full[2]
+    sec = "humaneval: accuracy (%)"
+    assert "| Strategy | 5% | 10% |" in md
+    assert _row(md, "selective", sec) == "| selective | 55.0 | 45.0 |"
+    assert _row(md, "reverse", sec) == "| reverse | 30.0 | 10.0 |"
+    # random: seeds 42 and 33 at 5%: 50% and 65% -> mean 57.5; at 10%: 40% and 25% -> 32.5
+    mean05, mean10 = (50.0 + 65.0) / 2, (40.0 + 25.0) / 2
+    assert _row(md, "random (mean of seeds 42, 33) [min–max]", sec) == (
+        f"| random (mean of seeds 42, 33) [min–max] | {mean05:.1f} [50.0–65.0] | {mean10:.1f} [25.0–40.0] |")
+    # gsm8k has no 5% reverse row: a dash, not a crash
+    assert _row(md, "reverse", "gsm8k: accuracy (%)") == "| reverse | – | 0.0 |"
+
+
+def test_trap_table(full):
+    md = full[2]
+    sec = "humaneval: trap % (Type 1 / Type 2)"
+    assert _row(md, "selective", sec) == "| selective | 10.0 (5.0 / 5.0) | 20.0 (10.0 / 10.0) |"
+    assert _row(md, "random (mean of seeds 42, 33) [min–max]", sec) == (
+        "| random (mean of seeds 42, 33) [min–max] | 10.0 [5.0–15.0] (7.5 / 2.5) | 30.0 [25.0–35.0] (17.5 / 12.5) |")
+    assert "squad-sim: trap %" not in md  # similarity tasks without any trap are left out
+
+
+def test_recovery_eq4(full):
+    md = full[2]
+    gain = (55.0 - 45.0) / 45.0 * 100  # eq. 4 by hand: 22.22...
+    assert _row(md, "selective", "humaneval: accuracy after recovery") == (
+        f"| selective | 10% | 45.0 | 55.0 | +{gain:.1f}% |")
+    # pruned accuracy 0 -> n/a, not a division error
+    assert _row(md, "reverse", "gsm8k: accuracy after recovery") == "| reverse | 10% | 0.0 | 10.0 | n/a |"
+
+
+def test_relative_loss_eq3(full):
+    md = full[2]
+    sec = "humaneval: relative accuracy loss"
+    loss = lambda acc: (60.0 - acc) / 60.0 * 100  # noqa: E731  eq. 3 by hand
+    assert _row(md, "selective", sec) == f"| selective | {loss(55):.1f} | {loss(45):.1f} |"  # 8.3, 25.0
+    assert _row(md, "reverse", sec) == f"| reverse | {loss(30):.1f} | {loss(10):.1f} |"  # 50.0, 83.3
+    m05 = (loss(50) + loss(65)) / 2  # 4.2, range -8.3..16.7
+    assert _row(md, "random (mean of seeds 42, 33) [min–max]", sec).startswith(
+        f"| random (mean of seeds 42, 33) [min–max] | {m05:.1f} [{loss(65):.1f}–{loss(50):.1f}] |")
+
+
+def _independent_ci(a: str, b: str) -> tuple[float, float]:
+    """The documented bootstrap, re-implemented: 2000 resamples of item ids, numpy seed 0."""
+    diff = (np.array([int(c) for c in a]) - np.array([int(c) for c in b])) * 100.0
+    idx = np.random.default_rng(0).integers(0, len(diff), size=(2000, len(diff)))
+    return tuple(np.percentile(diff[idx].mean(axis=1), [2.5, 97.5]))
+
+
+def test_delta_eq5_with_bootstrap(full):
+    md = full[2]
+    items = BUILD.load()["items"]["humaneval"]
+    # eq. 5 by hand: selective 55% - random seed 42 50% = +5.0 points at 5%; 45 - 25 = +20.0 (seed 33) at 10%
+    lo, hi = _independent_ci(items["selective-selectivity-r0.05"], items["random-r0.05-s42"])
+    assert (round(lo, 1), round(hi, 1)) == (-10.0, 20.0)
+    assert ("At 5%, selective is not distinguishable from random (seed 42: +5.0 points, 95% CI [-10.0, +20.0])"
+            in md)
+    lo, hi = _independent_ci(items["selective-selectivity-r0.1"], items["random-r0.1-s33"])
+    assert (round(lo, 1), round(hi, 1)) == (5.0, 40.0)
+    assert "At 10%, selective is better than random (seed 33: +20.0 points, 95% CI [+5.0, +40.0])" in md
+    assert "At 5%, selective is not distinguishable from random (seed 33: -10.0 points, 95% CI [-30.0, +10.0])" in md
+    # selective vs reverse
+    assert "At 5%, selective is better than reverse (+25.0 points, 95% CI [+5.0, +50.0])" in md
+    assert "| 10% | selective − random (seed 33) | +20.0 | [+5.0, +40.0] | 20 | better |" in md
+    # gsm8k has no items: the delta without an interval
+    assert "gsm8k has no per-item scores: the deltas are shown without confidence intervals." in md
+    assert "| 10% | selective − reverse | +30.0 | n/a | – | n/a |" in md
+
+
+def test_similarity_and_resources_and_layers(full):
+    md = full[2]
+    assert _row(md, "selective", "squad-sim: similarity") == "| selective | 0.910 | 0.850 |"
+    mean = (0.91 + 0.87) / 2
+    assert _row(md, "selective", "semantic similarity (mean): similarity") == f"| selective | {mean:.3f} | 0.820 |"
+    assert _row(md, "random (mean of seeds 42, 33) [min–max]", "semantic similarity (mean): similarity") == (
+        "| random (mean of seeds 42, 33) [min–max] | 0.790 [0.780–0.800] | 0.655 [0.640–0.670] |")
+    # resources: baseline first, then the selective variants; GiB = bytes / 2**30
+    assert _row(md, "baseline", "## Resources") == (
+        f"| baseline | 0% | 494,032,768 | 100.0% | {1288490189 / 2**30:.2f} | 41.5 | 320.0 |")
+    assert _row(md, "selective", "## Resources") == (
+        f"| selective | 5% (4.78%) | 478,224,384 | {100 * 478224384 / 494032768:.1f}% | 1.16 | 43.0 | 330.0 |")
+    # layers.json: 4 layers, per-layer share of target-leaning neurons
+    assert "| 2 | 150 | 40 | 78.9% |" in md
+    assert "| all | 420 | 370 | 53.2% |" in md
+    assert "One scorer in this study" in md
+
+
+def test_html_self_contained(full):
+    run, out, md, html = full
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["report-accuracy.png", "report-layers.png", "report-recovery.png", "report-similarity.png",
+                    "report-traps.png"]
+    for name in pngs:  # Markdown references the PNGs beside it
+        assert f"]({name})" in md
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count('<img src="data:image/png;base64,') == len(pngs)
+    stripped = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", html)
+    assert "http" not in stripped
+    assert "<link" not in stripped and "<script" not in stripped and "url(" not in stripped
+    assert re.findall(r'src="([^"]*)"', stripped) == [""] * len(pngs)
+    assert "<table>" in html and "<style>" in html
+    assert "not distinguishable from random" in html
+    assert not (run / "report.md").exists()  # out_dir given: nothing written into the study
+
+
+# ---------------------------------------------------------------------------------------------
+# A study without recovery, similarity, layers or items, with two scorers
+
+
+def test_partial_study_renders_with_notes(partial):
+    run, md, html = partial
+    assert (run / "report.md").is_file() and (run / "report.html").is_file()
+    assert "No recovered variants in this study" in md
+    assert "No similarity results" in md
+    assert "No layers.json" in md
+    assert "no per-item scores" in md  # comparisons without items: deltas, no interval
+    assert not (run / "report-recovery.png").exists() and not (run / "report-layers.png").exists()
+    # two scorers: strategy rows name their scorer, and the scorer x ratio table appears
+    assert _row(md, "selective (selectivity)", "humaneval: accuracy (%)") == "| selective (selectivity) | 55.0 | 45.0 |"
+    assert _row(md, "selective (wanda-sp)", "humaneval: accuracy (%)") == "| selective (wanda-sp) | 40.0 | 30.0 |"
+    sec = "humaneval: accuracy (%) per scorer"
+    assert _row(md, "wanda-sp", sec) == "| wanda-sp | 40.0 | 30.0 |"
+    assert _row(md, "random (mean of seeds 42, 33) [min–max]", sec).endswith("| 32.5 [25.0–40.0] |")
+    assert "](report-scorers.png)" in md and (run / "report-scorers.png").is_file()
+    assert html.count('<img src="data:image/png;base64,') == len(list(run.glob("report-*.png")))
+
+
+def test_missing_database(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results"):
+        write_report(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_bootstrap_identical_variants():
+    a = {f"i{k}": float(k % 2) for k in range(30)}
+    delta, lo, hi, n = T.paired_bootstrap(a, dict(a))
+    assert (delta, lo, hi, n) == (0.0, 0.0, 0.0, 30)
+
+
+def test_bootstrap_better_everywhere():
+    a = {f"i{k}": 1.0 for k in range(20)}
+    b = {f"i{k}": 0.0 for k in range(20)}
+    delta, lo, hi, _ = T.paired_bootstrap(a, b)
+    assert delta == 100.0 and lo > 0 and hi > 0
+    # better on 8 items, equal on the rest: still entirely above 0
+    b = {f"i{k}": (0.0 if k < 8 else 1.0) for k in range(20)}
+    delta, lo, hi, _ = T.paired_bootstrap(a, b)
+    assert delta == pytest.approx(40.0) and 0 < lo < 40 < hi
+
+
+def test_bootstrap_pairs_on_common_items_only_and_is_deterministic():
+    a = {"x": 1.0, "y": 0.0, "z": 1.0, "only-a": 1.0}
+    b = {"x": 0.0, "y": 0.0, "z": 1.0, "only-b": 0.0}
+    r1, r2 = T.paired_bootstrap(a, b), T.paired_bootstrap(a, b)
+    assert r1 == r2 and r1[3] == 3 and r1[0] == pytest.approx(100 / 3)
+    assert T.paired_bootstrap({"x": 1.0}, {"y": 1.0}) is None
+
+
+def test_equations():
+    assert T.relative_loss(0.6, 0.45) == pytest.approx(25.0)
+    assert T.relative_loss(0.0, 0.1) is None
+    assert T.relative_gain(45.0, 55.0) == pytest.approx(22.2222, abs=1e-3)
+    assert T.relative_gain(0.0, 10.0) is None
+    assert T.relative_gain(None, 10.0) is None
+
+
+def test_verdicts_and_sentence():
+    c = T.Comparison("humaneval", 0.05, "selective", "random", 42, 1.2, (-3.0, 5.5), 20)
+    assert c.verdict == "not distinguishable"
+    assert sentence(c) == ("At 5%, selective is not distinguishable from random "
+                           "(seed 42: +1.2 points, 95% CI [-3.0, +5.5])")
+    assert T.Comparison("t", 0.1, "selective", "random", 33, 9.0, (2.0, 15.0)).verdict == "better"
+    worse = T.Comparison("t", 0.2, "selective", "reverse", None, -9.0, (-15.0, -0.5))
+    assert worse.verdict == "worse"
+    assert sentence(worse) == "At 20%, selective is worse than reverse (-9.0 points, 95% CI [-15.0, -0.5])"
+    assert T.Comparison("t", 0.2, "selective", "random", 42, 0.0, (0.0, 0.0)).verdict == "not distinguishable"
+
+
+def _r(variant, strategy, ratio, acc, seed=None, scorer="selectivity", recovered=0, task="humaneval"):
+    return {"variant": variant, "task": task, "strategy": strategy, "scorer": None if strategy == "random" else scorer,
+            "seed": seed, "ratio_nominal": ratio, "ratio_exact": ratio, "recovered": recovered, "accuracy": acc,
+            "similarity": None}
+
+
+def test_grid_random_mean_and_range_in_seed_order():
+    rows = [_r("base", "none", 0.0, 0.5, scorer=None), _r("sel", "selective", 0.05, 0.4),
+            _r("r42", "random", 0.05, 0.3, seed=42), _r("r33", "random", 0.05, 0.2, seed=33),
+            _r("r42b", "random", 0.1, 0.1, seed=42)]
+    g = T.accuracy_grid(rows, "humaneval")
+    assert g.baseline == 50.0 and g.ratios == [0.05, 0.1]
+    assert [r.label for r in g.rows] == ["selective", "random (mean of seeds 42, 33) [min–max]"]
+    cell = g.row("random").cells[0.05]
+    assert cell.value == pytest.approx(25.0) and (cell.lo, cell.hi) == pytest.approx((20.0, 30.0)) and cell.spread
+    assert not g.row("random").cells[0.1].spread  # one seed at 10%: a plain value
+
+
+def test_recovery_pairs_with_its_pruned_twin():
+    rows = [_r("sel", "selective", 0.1, 0.45), _r("sel-rec", "selective", 0.1, 0.55, recovered=1),
+            _r("r42", "random", 0.1, 0.40, seed=42), _r("r33", "random", 0.1, 0.20, seed=33),
+            _r("r33-rec", "random", 0.1, 0.30, seed=33, recovered=1)]
+    table = T.recovery_table(rows, "humaneval")
+    assert [r.label for r in table] == ["selective", "random (seed 33)"]
+    assert [v for r in table for v in (r.pruned, r.recovered)] == pytest.approx([45.0, 55.0, 20.0, 30.0])
+    assert table[1].gain == pytest.approx(50.0)
+
+
+def test_layer_table():
+    rows = T.layer_table({"scorer": "selectivity", "layers": [[3, 1], [0, 0]]})
+    assert [(r.layer, r.target, r.distractor, r.target_share) for r in rows] == [(0, 3, 1, 75.0), (1, 0, 0, None)]
+    assert T.layer_table(None) == [] and T.layer_table({"layers": "bad"}) == []
