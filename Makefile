@@ -26,14 +26,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-DEMO_OUT ?= out/demo
 demo: install
-	@echo "== taskprune demo: selective pruning of the embedded Qwen2.5-Coder-0.5B-Instruct (code target) =="
-	$(VENV)/bin/taskprune prune --model qwen2.5-coder-0.5b --target mbpp --distractor squad,chitchat \
-		--n 64 --ratio 0.05 --out $(DEMO_OUT)/selective-5pct --overwrite
-	$(VENV)/bin/taskprune info $(DEMO_OUT)/selective-5pct
-	$(VENV)/bin/taskprune generate --model $(DEMO_OUT)/selective-5pct --max-new-tokens 96 \
-		--prompt "Write a Python function is_prime(n) that returns True when n is a prime number."
+	$(VENV)/bin/taskprune run configs/demo.yaml --out runs/demo
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

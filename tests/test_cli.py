@@ -42,7 +42,12 @@ def test_capture_score_prune_info(tiny_dir, tmp_path, capsys):
     assert [s["role"] for s in meta["sets"]] == ["target", "distractor", "distractor"]
     assert meta["counts"]["gsm8k"]["n"] == 6 and meta["capture"]["template"] == "chat"
     code, out, _ = run(["score", "--profile", profile, "--out", tmp_path / "s.safetensors"], capsys)
-    assert code == 0 and "target-leaning" in out and (tmp_path / "s.safetensors").is_file()
+    assert code == 0 and "positive(S>0)" in out and (tmp_path / "s.safetensors").is_file()
+    code, _, err = run(["score", "--profile", profile, "--scorer", "wanda-sp"], capsys)
+    assert code == 2 and "--model" in err
+    code, out, err = run(["score", "--profile", profile, "--scorer", "wanda-sp", "--model", tiny_dir,
+                          "--dtype", "float32"], capsys)
+    assert code == 0, err
     out_dir = tmp_path / "pruned"
     code, out, err = run(["prune", "--model", tiny_dir, "--profile", profile, "--ratio", 0.2, "--align", 32,
                           "--dtype", "float32", "--out", out_dir], capsys)

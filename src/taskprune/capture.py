@@ -9,7 +9,7 @@ ids follow the attention mask, so the result does not depend on batch size or pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,9 @@ class SetStats:
     tok_sumsq: torch.Tensor  # sum over tokens of h^2
     truncated: int = 0  # prompts cut to max_length
     per_prompt: torch.Tensor | None = None  # [n, layers, d_ff] float32, only when asked for
+    # Further additive statistics by key (e.g. the gradient pass's "taylor.hg", "ig.sum", counts as
+    # 1-element tensors); saved as "{set}/extra/{key}". See taskprune.gradients.
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, layers: int, d_ff: int) -> "SetStats":
@@ -42,10 +45,12 @@ class SetStats:
         return self.sum / self.n
 
     def merged(self, other: "SetStats") -> "SetStats":
-        """Statistics of the union of two disjoint prompt sets (per-prompt rows are not merged)."""
+        """Statistics of the union of two disjoint prompt sets (per-prompt rows are not merged; extra
+        statistics are summed where both sets have them and dropped where only one has)."""
+        extra = {k: v + other.extra[k] for k, v in self.extra.items() if k in other.extra}
         return SetStats(self.n + other.n, self.sum + other.sum, self.sumsq + other.sumsq,
                         self.tokens + other.tokens, self.tok_sum + other.tok_sum,
-                        self.tok_sumsq + other.tok_sumsq, self.truncated + other.truncated)
+                        self.tok_sumsq + other.tok_sumsq, self.truncated + other.truncated, extra=extra)
 
 
 class _Recorder:

@@ -51,13 +51,30 @@ def _add_capture_args(p: argparse.ArgumentParser, required: bool) -> None:
                    help="capture over the prompt only (the paper) or prompt plus reference response")
     g.add_argument("--batch-size", type=int, default=8, help="capture batch size (default 8)")
     g.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+    g = p.add_argument_group("gradient pass (for the taylor, taylor-abs and ig scorers)")
+    g.add_argument("--gradients", default="", help="comma-separated: taylor, ig (default none; the one-shot "
+                                                   "prune adds what --scorer needs)")
+    g.add_argument("--grad-prompts", type=int, default=None, help="target prompts in the gradient pass (default all --n)")
+    g.add_argument("--grad-batch-size", type=int, default=4, help="default 4")
+    g.add_argument("--ig-steps", type=int, default=20, help="integrated-gradients steps m (default 20)")
+    g.add_argument("--ig-threshold", type=float, default=0.5,
+                   help="IG uses positions whose greedy next token has at least this probability (default 0.5)")
+    g.add_argument("--ig-positions", choices=["all", "answer"], default="all",
+                   help="IG over all positions or from the last prompt token on (default all)")
 
 
 def _settings(args):
     from taskprune.pipeline import CaptureSettings
+    from taskprune.scoring import NEEDS_GRADIENTS
+    gradients = set(_split_sets([args.gradients]))
+    if getattr(args, "scorer", None) in NEEDS_GRADIENTS:
+        gradients.add(NEEDS_GRADIENTS[args.scorer])
     return CaptureSettings(n=args.n, seed=args.data_seed, max_length=args.max_length, template=args.template,
                            content=args.content, batch_size=args.batch_size,
-                           keep_per_prompt=getattr(args, "keep_per_prompt", False))
+                           keep_per_prompt=getattr(args, "keep_per_prompt", False),
+                           gradients=tuple(sorted(gradients)), grad_prompts=args.grad_prompts,
+                           grad_batch_size=args.grad_batch_size, ig_steps=args.ig_steps,
+                           ig_threshold=args.ig_threshold, ig_positions=args.ig_positions)
 
 
 def cmd_capture(args) -> int:
@@ -78,12 +95,18 @@ def cmd_score(args) -> int:
     from taskprune.profile import load_profile
     from taskprune.scoring import score
     profile = load_profile(args.profile)
-    scores = score(args.scorer, profile)
+    options = {}
+    if args.model:
+        from taskprune.models import config_hash, load_model
+        lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+        profile.check_model(config_hash(lm.model.config), where=str(args.profile))
+        options = {"model": lm.model, "adapter": lm.adapter}
+    scores = score(args.scorer, profile, **options)
     print(f"{args.scorer} scores, {profile.num_layers} layers x {profile.d_ff} neurons "
-          f"(target {profile.target}; distractors {', '.join(profile.distractors)})")
-    print("layer  target-leaning(S>0)  distractor-leaning(S<0)  min      max")
+          f"(target {profile.target}; distractors {', '.join(profile.distractors)}); low scores are pruned first")
+    print("layer  positive(S>0)  negative(S<0)  min      max")
     for i, row in enumerate(scores):
-        print(f"{i:5d}  {int((row > 0).sum()):19d}  {int((row < 0).sum()):23d}  {row.min():7.3f}  {row.max():7.3f}")
+        print(f"{i:5d}  {int((row > 0).sum()):13d}  {int((row < 0).sum()):13d}  {row.min():7.3g}  {row.max():7.3g}")
     if args.out:
         save_file({"scores": scores.contiguous()}, args.out,
                   metadata={"scorer": args.scorer, "profile": str(args.profile)})
@@ -277,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compute per-neuron scores (low = pruned first by the selective strategy).")
     p.add_argument("--profile", type=Path, required=True, help="profile directory from taskprune capture")
     p.add_argument("--scorer", default="selectivity", choices=sorted(SCORERS), help="default selectivity")
+    p.add_argument("--model", default=None, help="the profile's model, for scorers that read weights "
+                                                 "(magnitude, wanda-sp, flap, taskaware, specific-importance)")
+    p.add_argument("--dtype", default="auto", help="dtype to load --model in (default auto)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="optional .safetensors file for the [layers, d_ff] scores")
     p.set_defaults(func=cmd_score)
 
@@ -289,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--profile", type=Path, default=None, help="a profile from taskprune capture")
     _add_capture_args(p, required=False)
-    p.add_argument("--scorer", default="selectivity", choices=sorted(SCORERS), help="default selectivity")
+    p.add_argument("--scorer", default="selectivity", choices=sorted(SCORERS),
+                   help="default selectivity (the paper); see docs/scorers.md for the others")
     p.add_argument("--strategy", default="selective", choices=["selective", "reverse", "random"],
                    help="selective: lowest scores go (default); reverse: highest go; random: seeded draw")
     p.add_argument("--ratio", type=float, required=True, help="fraction of d_ff to remove per layer, in (0, 1)")

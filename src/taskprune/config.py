@@ -23,6 +23,8 @@ class CaptureConfig:
     template: str = "chat"
     content: str = "prompt"
     batch_size: int = 8
+    grad_prompts: int | None = None  # target prompts in the gradient pass (taylor, ig scorers)
+    ig_steps: int = 20
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from torch import nn
 from taskprune import __version__
 from taskprune.capture import capture
 from taskprune.data import format_text, load_examples, sample
+from taskprune.gradients import check_settings, gradient_stats, prompt_token_lengths
 from taskprune.models import LoadedModel, config_hash
 from taskprune.plan import Plan, make_plan
 from taskprune.profile import Profile, load_profile, profile_hash, save_profile
@@ -28,6 +29,13 @@ class CaptureSettings:
     content: str = "prompt"  # prompt | prompt+response
     batch_size: int = 8
     keep_per_prompt: bool = False
+    # Gradient pass on the target set (taskprune.gradients), for the taylor and ig scorers.
+    gradients: tuple[str, ...] = ()  # e.g. ("taylor", "ig")
+    grad_prompts: int | None = None  # target prompts in the gradient pass (None: all n)
+    grad_batch_size: int = 4
+    ig_steps: int = 20
+    ig_threshold: float = 0.5
+    ig_positions: str = "all"  # all | answer
 
 
 def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings = CaptureSettings(),
@@ -37,7 +45,9 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         raise ValueError("give at least one distractor data set")
     if target in distractors:
         raise ValueError(f"{target!r} is both the target and a distractor")
-    sets, stats = [], {}
+    if settings.gradients:
+        check_settings(settings.gradients, settings.ig_steps, settings.ig_positions)
+    sets, stats, grad_meta = [], {}, None
     for role, spec in [("target", target)] + [("distractor", d) for d in distractors]:
         everything = load_examples(spec, data_dir)
         chosen = sample(everything, settings.n, settings.seed)
@@ -45,6 +55,21 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         s = capture(lm.model, lm.tokenizer, texts, lm.adapter, max_length=settings.max_length,
                     batch_size=settings.batch_size, keep_per_prompt=settings.keep_per_prompt,
                     progress=progress, desc=f"capture {role} {spec}")
+        if role == "target" and settings.gradients:
+            lengths = None
+            if settings.ig_positions == "answer" and "ig" in settings.gradients:
+                prompts = [format_text(lm.tokenizer, ex, settings.template, "prompt") for ex in chosen]
+                lengths = prompt_token_lengths(lm.tokenizer, texts, prompts)
+            s.extra.update(gradient_stats(
+                lm.model, lm.tokenizer, texts, lm.adapter, kinds=settings.gradients, max_length=settings.max_length,
+                batch_size=settings.grad_batch_size, max_prompts=settings.grad_prompts, ig_steps=settings.ig_steps,
+                ig_threshold=settings.ig_threshold, ig_positions=settings.ig_positions, prompt_lengths=lengths,
+                progress=progress, desc=f"gradients {spec}"))
+            grad_meta = {"kinds": list(settings.gradients), "set": spec,
+                         "prompts": min(len(texts), settings.grad_prompts or len(texts)),
+                         "batch_size": settings.grad_batch_size, "ig_steps": settings.ig_steps,
+                         "ig_threshold": settings.ig_threshold, "ig_positions": settings.ig_positions,
+                         "ig_rule": "midpoint", "loss": "per text, sum of next-token cross-entropy over its positions"}
         stats[spec] = s
         sets.append({"name": spec, "role": role, "n": len(chosen), "available": len(everything),
                      "truncated": s.truncated, "ids": [ex.id for ex in chosen]})
@@ -59,7 +84,8 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         "capture": {"n": settings.n, "seed": settings.seed, "max_length": settings.max_length,
                     "template": settings.template, "content": settings.content,
                     "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                    "statistic": "prompt-level mean of |h| over valid tokens; token sums of h and h^2"},
+                    "statistic": "prompt-level mean of |h| over valid tokens; token sums of h and h^2",
+                    **({"gradients": grad_meta} if grad_meta else {})},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "taskprune_version": __version__,
     }

@@ -2,7 +2,9 @@
 
 A profile holds one `SetStats` per data set and the metadata needed to trust it later: the model id,
 revision and config hash, each set's role, size and sampling, the maximum length, the prompt
-template and the format version.
+template and the format version. Optional per-set statistics (`SetStats.extra`, e.g. the gradient
+pass's sums) are stored as `"{set}/extra/{key}"` in `stats.safetensors`; format 1 readers skip them
+and profiles without them load with an empty `extra`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from taskprune.capture import SetStats
 
 FORMAT_VERSION = 1
 _TENSORS = ("sum", "sumsq", "tok_sum", "tok_sumsq")
+_EXTRA = "extra"  # optional per-set statistics are stored as "{set}/extra/{key}" (format 1 readers skip them)
 
 
 class ProfileError(ValueError):
@@ -80,6 +83,8 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
         for name, s in profile.stats.items():
             for key in _TENSORS:
                 tensors[f"{name}/{key}"] = getattr(s, key).contiguous()
+            for key, value in s.extra.items():
+                tensors[f"{name}/{_EXTRA}/{key}"] = value.contiguous()
             if s.per_prompt is not None:
                 per_prompt[name] = s.per_prompt.contiguous()
         save_file(tensors, tmp / "stats.safetensors")
@@ -115,7 +120,9 @@ def load_profile(path: Path) -> Profile:
     per_prompt = load_file(path / "per_prompt.safetensors") if (path / "per_prompt.safetensors").is_file() else {}
     stats = {}
     for name, c in meta["counts"].items():
+        prefix = f"{name}/{_EXTRA}/"
+        extra = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         stats[name] = SetStats(n=c["n"], tokens=c["tokens"], truncated=c["truncated"],
-                               per_prompt=per_prompt.get(name),
+                               per_prompt=per_prompt.get(name), extra=extra,
                                **{k: tensors[f"{name}/{k}"] for k in _TENSORS})
     return Profile(meta=meta, stats=stats)

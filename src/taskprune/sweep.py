@@ -89,9 +89,12 @@ class Study:
     # -- stages ---------------------------------------------------------------------------------
 
     def profile(self, lm: LoadedModel):
+        from taskprune.scoring import NEEDS_GRADIENTS
         c = self.cfg.capture
+        gradients = tuple(sorted({NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}))
         settings = CaptureSettings(n=c.n, seed=c.seed, max_length=c.max_length, template=c.template,
-                                   content=c.content, batch_size=c.batch_size)
+                                   content=c.content, batch_size=c.batch_size, gradients=gradients,
+                                   grad_prompts=c.grad_prompts, ig_steps=c.ig_steps)
         path = self.dir / "profile"
         if (path / "profile.json").is_file():
             profile = load_profile(path)
