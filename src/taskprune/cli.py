@@ -6,6 +6,7 @@
     taskprune info     PROFILE_OR_CHECKPOINT
     taskprune eval     --model M --tasks gsm8k,humaneval,squad-sim,dialogue-sim --limit N --out DIR
     taskprune generate --model M --prompt TEXT
+    taskprune recover  --model PRUNED --preset code|math --out DIR
     taskprune run      CONFIG.yaml [--out RUN_DIR]
     taskprune report   RUN_DIR
 """
@@ -252,6 +253,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from taskprune.recover import config_from_args, recover
+    cfg = config_from_args(args.preset, max_examples=args.max_examples, epochs=args.epochs, lr=args.lr, r=args.r,
+                           alpha=args.alpha, effective_batch_size=args.effective_batch_size,
+                           micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+                           gradient_checkpointing=args.gradient_checkpointing or None, seed=args.seed,
+                           save_every=args.save_every)
+    recover(args.model, args.preset, args.out, config=cfg, data=args.data, data_dir=args.data_dir, dtype=args.dtype,
+            device=args.device, cache_dir=args.cache_dir, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
 def cmd_run(args) -> int:
     from taskprune.config import load_config
     from taskprune.sweep import run_study
@@ -355,6 +368,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("recover", help="LoRA recovery of a pruned model, merged back (rerun the same command to resume)",
+                       description="Fine-tune LoRA adapters on q,k,v,o,gate,up,down with the paper's presets "
+                                   "(code: r 16, alpha 32, lr 2e-4, batch 16; math: r 8, alpha 16, lr 2e-5, batch 8; "
+                                   "dropout 0.1, 2 epochs), merge them and save a stock checkpoint at the pruned "
+                                   "width. Interrupted? Rerun the same command to resume from the last checkpoint.",
+                       epilog=EPILOG)
+    _add_model_args(p)
+    p.add_argument("--preset", required=True, choices=["code", "math"], help="code: MBPP train; math: GSM8K train")
+    p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
+    p.add_argument("--data", default=None, help="training data instead of the preset's: gsm8k, mbpp, "
+                                                "codefeedback (Hub) or a .jsonl/.json with prompt and response fields")
+    p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+    p.add_argument("--max-examples", type=int, default=None, help="cap the training examples")
+    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (2)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--r", type=int, default=None, help="LoRA rank")
+    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha")
+    p.add_argument("--effective-batch-size", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="default 2 (gradient accumulation fills the rest)")
+    p.add_argument("--max-length", type=int, default=None, help="longer examples are dropped (default 512)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (default 50)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_recover)
+
     p = sub.add_parser("run", help="run a whole study from a YAML config (resumable) and write its report",
                        description="Capture once, then prune, (recover,) and evaluate every cell of the config; "
                                    "one SQLite row per variant x task. Kill it and run it again to continue.")
@@ -389,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     from taskprune.models import ModelLoadError, UnsupportedArchitectureError
     from taskprune.plan import PlanError
     from taskprune.profile import ProfileError
+    from taskprune.recover import RecoveryError
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
+    except (ConfigError, RecoveryError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
             FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"taskprune {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,10 @@ class RecoveryPlan:
     enabled: bool = False
     preset: str = "code"  # code | math (the paper's LoRA presets)
     max_examples: int | None = None
-    epochs: float | None = None  # None: the preset's (2)
+    epochs: int | None = None  # None: the preset's (2)
+    effective_batch_size: int | None = None  # None: the preset's (code 16, math 8)
+    micro_batch_size: int | None = None  # None: 2
+    max_length: int | None = None  # None: 512
     strategies: tuple[str, ...] = ("selective", "random", "reverse")  # which pruned variants get recovered
     ratios: tuple[float, ...] | None = None  # None: all ratios
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,7 +27,7 @@ from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profi
 from taskprune.profile import load_profile, save_profile
 from taskprune.results import ResultRow, ResultStore
 from taskprune.scoring import score
-from taskprune.surgery import prune_model, save_pruned
+from taskprune.surgery import parameter_count, prune_model, save_pruned
 
 
 @dataclass(frozen=True)
@@ -162,8 +162,8 @@ class Study:
                 tokens_per_s_eval=t["tokens_per_s"], wall_s=time.perf_counter() - start,
                 config_hash=self.cfg.hash()), items)
 
-    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model) -> None:
-        from taskprune.recover import RecoveryConfig, recover
+    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int) -> None:
+        from taskprune.recover import config_from_args, recover
         variant = cell.name(recovered=True)
         if all(self.store.has(variant, t) for t in self.cfg.evaluation.tasks):
             self.log(f"{variant}: done already")
@@ -174,10 +174,11 @@ class Study:
             if not (pruned_dir / "config.json").is_file():
                 save_pruned(model, lm.tokenizer, pruned_dir, {
                     "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
-                    "parameters": {}}, overwrite=True)
+                    "parameters": {"before": params_before, "after": parameter_count(model)}}, overwrite=True)
             r = self.cfg.recovery
-            overrides = {k: v for k, v in (("max_examples", r.max_examples), ("epochs", r.epochs)) if v is not None}
-            config = replace(RecoveryConfig.preset(r.preset), **overrides)
+            config = config_from_args(r.preset, max_examples=r.max_examples, epochs=r.epochs,
+                                      effective_batch_size=r.effective_batch_size,
+                                      micro_batch_size=r.micro_batch_size, max_length=r.max_length)
             recover(str(pruned_dir), r.preset, rec_dir, config, data_dir=self.data_dir, dtype=self.cfg.dtype,
                     overwrite=True, progress=self.progress)
         recovered = load_model(str(rec_dir), self.cfg.dtype)
@@ -205,7 +206,7 @@ class Study:
             r = cfg.recovery
             if r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios):
                 self.log(f"== [{k}/{len(todo)}] {cell.name(recovered=True)} (LoRA recovery, preset {r.preset})")
-                self.recover_variant(lm, cell, plan, model)
+                self.recover_variant(lm, cell, plan, model, parameter_count(pristine))
             del model, variant_lm
         return self.dir
 

@@ -1,0 +1,100 @@
+"""A tiny study end to end (2 strategies x 2 ratios, recovery for a few steps) and resume after a fault."""
+
+import sqlite3
+
+import pytest
+import yaml
+
+from taskprune import sweep
+from taskprune.cli import main
+from taskprune.config import ConfigError, load_config
+from taskprune.models.synthetic import byte_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def _config(tmp_path, tiny_dir, **over):
+    cfg = {
+        "name": "tiny", "model": str(tiny_dir), "target": "mbpp", "distractors": ["squad"], "dtype": "float32",
+        "capture": {"n": 4, "max_length": 48, "batch_size": 4},
+        "strategies": ["selective", "random"], "seeds": [42], "ratios": [0.25, 0.5], "align": 64,
+        "recovery": {"enabled": True, "preset": "code", "max_examples": 4, "epochs": 1,
+                     "strategies": ["selective"], "ratios": [0.25]},
+        "evaluation": {"tasks": ["mbpp", "squad-sim"], "limit": {"mbpp": 2, "squad-sim": 2},
+                       "max_new_tokens": 8, "trap_budget": 0, "batch_size": 2},
+    }
+    cfg.update(over)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _rows(run_dir):
+    con = sqlite3.connect(run_dir / "results.sqlite")
+    return con.execute("SELECT variant, task, recovered FROM results ORDER BY variant, task").fetchall()
+
+
+EXPECTED = sorted([(v, t, int(v.endswith("-rec"))) for v in
+                   ["base", "selective-selectivity-r0.25", "selective-selectivity-r0.25-rec",
+                    "selective-selectivity-r0.5", "random-r0.25-s42", "random-r0.5-s42"]
+                   for t in ["mbpp", "squad-sim"]])
+
+
+def test_study_end_to_end_with_report(tiny_dir, tmp_path, capsys):
+    cfg_path = _config(tmp_path, tiny_dir)
+    code = main(["run", str(cfg_path), "--out", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    assert _rows(tmp_path / "run") == EXPECTED
+    assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report.md").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "selective-selectivity-r0.25-rec").exists()  # deleted
+
+
+def test_resume_after_fault_loses_and_duplicates_nothing(tiny_dir, tmp_path, monkeypatch):
+    cfg = load_config(_config(tmp_path, tiny_dir, recovery={"enabled": False}))
+    real = sweep.evaluate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated kill in the middle of the study")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(sweep, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_study(cfg, tmp_path / "run", progress=False)
+    partial = _rows(tmp_path / "run")
+    assert 0 < len(partial) < 10
+    monkeypatch.setattr(sweep, "evaluate", real)
+    sweep.run_study(cfg, tmp_path / "run", progress=False)
+    rows = _rows(tmp_path / "run")
+    assert rows == [r for r in EXPECTED if not r[0].endswith("-rec")]
+    assert len(rows) == len(set(rows))
+
+
+def test_changed_config_needs_new_directory(tiny_dir, tmp_path):
+    sweep.Study(load_config(_config(tmp_path, tiny_dir)), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        sweep.Study(load_config(_config(tmp_path, tiny_dir, ratios=[0.1])), tmp_path / "run", progress=False)
+
+
+def test_bad_configs(tmp_path, tiny_dir):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(_config(tmp_path, tiny_dir, ratio=0.1))
+    with pytest.raises(ConfigError, match="strictly between"):
+        load_config(_config(tmp_path, tiny_dir, ratios=[1.5]))
+    with pytest.raises(ConfigError, match="unknown 'greedy'"):
+        load_config(_config(tmp_path, tiny_dir, strategies=["greedy"]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        assert load_config(path).name == path.stem
