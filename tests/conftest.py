@@ -27,3 +27,13 @@ def data_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Profiles cached by one-shot runs go to a per-session temp dir; converted models stay shared."""
     monkeypatch.setenv("TASKPRUNE_DATA", str(_data_dir()))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint with the byte tokenizer, saved like a real one."""
+    from taskprune.models.synthetic import byte_tokenizer, tiny_model
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path

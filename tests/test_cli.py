@@ -12,14 +12,6 @@ from taskprune.models.synthetic import byte_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def other_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     tiny_model("llama").save_pretrained(path)

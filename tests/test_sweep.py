@@ -8,15 +8,6 @@ import yaml
 from taskprune import sweep
 from taskprune.cli import main
 from taskprune.config import ConfigError, load_config
-from taskprune.models.synthetic import byte_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("models") / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def _config(tmp_path, tiny_dir, **over):

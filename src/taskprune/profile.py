@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from taskprune.atomic import atomic_dir
 from taskprune.capture import SetStats
 
 FORMAT_VERSION = 1
@@ -73,12 +71,7 @@ def profile_hash(path: Path) -> str:
 
 def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
+    with atomic_dir(path, overwrite) as tmp:
         tensors, per_prompt = {}, {}
         for name, s in profile.stats.items():
             for key in _TENSORS:
@@ -94,14 +87,8 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
                     counts={n: {"n": s.n, "tokens": s.tokens, "truncated": s.truncated}
                             for n, s in profile.stats.items()})
         (tmp / "profile.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     profile.meta = meta
-    return path
+    return Path(path)
 
 
 def load_profile(path: Path) -> Profile:

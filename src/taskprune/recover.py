@@ -47,7 +47,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -59,6 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskprune import __version__
+from taskprune.atomic import atomic_dir
 from taskprune.data import Example, load_examples
 from taskprune.data.registry import DataError, load_file
 
@@ -599,9 +599,7 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:
         merged_peft.save_pretrained(tmp / "lora_adapter")
         merged = merged_peft.merge_and_unload()
         from taskprune.models.adapters import get_adapter  # noqa: PLC0415
@@ -618,12 +616,6 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
         record["wall_time_s"] = round(time.time() - started + prior_wall, 3)
         (tmp / "recovery.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "README.md").write_text(_model_card(record))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(work, ignore_errors=True)
     if progress:
         print(f"Recovered checkpoint saved to {out} ({step} steps, final loss {losses[-1]:.4f})")

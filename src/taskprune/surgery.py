@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from taskprune import __version__
+from taskprune.atomic import atomic_dir
 from taskprune.models.adapters import MLPAdapter
 from taskprune.plan import Plan
 
@@ -64,21 +62,10 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: Path, record: dict, overwr
     Everything is written to a temporary sibling directory that is renamed into place at the end,
     so a failure leaves no half-written output.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output {out_dir} exists; choose another --out or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         record = dict(record, taskprune_version=__version__)
         (tmp / "pruning.json").write_text(json.dumps(record, indent=1) + "\n")
         (tmp / "README.md").write_text(_model_card(record))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)

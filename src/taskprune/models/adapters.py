@@ -68,16 +68,8 @@ class GatedMLPAdapter:
 
 
 @dataclass(frozen=True)
-class FusedGateUpAdapter:
+class FusedGateUpAdapter(GatedMLPAdapter):
     """MLP with one fused `gate_up_proj` (gate half first, then up half) and `down_proj` (Phi-3)."""
-
-    name: str
-
-    def mlps(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.mlp for layer in decoder_layers(model)]
-
-    def down_proj(self, mlp: nn.Module) -> nn.Linear:
-        return mlp.down_proj
 
     def slice(self, mlp: nn.Module, keep: torch.Tensor) -> None:
         d_ff = mlp.down_proj.in_features
@@ -90,7 +82,7 @@ class FusedGateUpAdapter:
         return {"gate": gate, "up": up, "down": mlp.down_proj.weight.T}
 
 
-MLPAdapter = GatedMLPAdapter | FusedGateUpAdapter
+MLPAdapter = GatedMLPAdapter  # FusedGateUpAdapter is a subclass
 
 ADAPTERS: dict[str, MLPAdapter] = {
     "llama": GatedMLPAdapter("llama"),
