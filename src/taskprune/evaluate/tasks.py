@@ -113,4 +113,14 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}") from None
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(TASKS)}, or mc:SET for a "
+                         f"multiple-choice set (mc:arc-easy, mc:mmlu, ...)") from None
+
+
+def task_kind(name: str) -> str:
+    """"accuracy", "similarity" or "multiple-choice" (`mc:SET` names); an unknown name is an error."""
+    if name.startswith("mc:"):
+        from taskprune.data.multiple_choice import get_mc_set  # noqa: PLC0415 - keeps the import light
+        get_mc_set(name[3:])  # raises, naming the sets there are
+        return "multiple-choice"
+    return get_task(name).kind
