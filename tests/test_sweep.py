@@ -8,6 +8,7 @@ import yaml
 from taskprune import sweep
 from taskprune.cli import main
 from taskprune.config import ConfigError, load_config
+from taskprune.evaluate.runner import read_records
 
 
 def _config(tmp_path, tiny_dir, **over):
@@ -44,6 +45,13 @@ def test_study_end_to_end_with_report(tiny_dir, tmp_path, capsys):
     assert _rows(tmp_path / "run") == EXPECTED
     assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report.md").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "selective-selectivity-r0.25-rec").exists()  # deleted
+    # Similarity compares each variant's answers with the baseline's, never with its own.
+    evals = tmp_path / "run" / "eval"
+    base = {r["id"]: r["task_output"] for r in read_records(next(evals.glob("base-*")) / "squad-sim.jsonl").values()}
+    pruned = read_records(next(evals.glob("random-r0.5-s42-*")) / "squad-sim.jsonl")
+    assert {i: r["reference"] for i, r in pruned.items()} == base
+    assert any(r["task_output"] != base[i] for i, r in pruned.items())
+    assert min(r["similarity"] for r in pruned.values()) < 0.999
 
 
 def test_resume_after_fault_loses_and_duplicates_nothing(tiny_dir, tmp_path, monkeypatch):

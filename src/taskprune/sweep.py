@@ -141,7 +141,8 @@ class Study:
         for i, task in enumerate(todo):
             start = time.perf_counter()
             sim = self._similarity() if task_kind(task) == "similarity" else None
-            refs = None if variant == "base" else self._references(task)  # the baseline is its own reference
+            # The baseline is its own reference; every other variant is compared with the baseline's answers.
+            refs = None if variant == "base" else {task: self._references(task)}
             summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
                                progress=self.progress)
             res, t = summary["resources"], summary["tasks"][task]
