@@ -44,7 +44,7 @@ def _legend(fig: Figure, axes: list) -> None:
             handles.setdefault(label, h)
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", frameon=False, fontsize=9,
-                   ncol=min(len(handles), 5))
+                   ncol=min(len(handles), max(1, int(fig.get_figwidth() // 2.4))))  # narrow figures wrap
 
 
 def _png(fig: Figure, title: str | None = None) -> bytes:
