@@ -1,6 +1,7 @@
 """Capture throughput against a plain forward of the same batches, and statistics memory vs prompt count.
 
     python benchmarks/capture_overhead.py [--model qwen2.5-coder-0.5b] [--n 32] [--dtype auto]
+    python benchmarks/capture_overhead.py --model synthetic:qwen2.5-7b   # real 7B shapes, random weights (GPU)
 
 Prints tokens/s of `taskprune.capture.capture` and of the same padded batches through the model with
 no hooks (two baselines: the decoder alone, which is what capture runs, and the full causal LM
@@ -19,7 +20,8 @@ import torch
 
 from taskprune.capture import capture
 from taskprune.data import format_text, load_examples, sample
-from taskprune.models import load_model
+from taskprune.models import LoadedModel, get_adapter, load_model, resolve_dtype
+from taskprune.models.synthetic import byte_tokenizer, real_shape_model
 
 
 def plain_forward(model, tokenizer, texts, max_length, batch_size, full: bool) -> int:
@@ -37,8 +39,9 @@ def plain_forward(model, tokenizer, texts, max_length, batch_size, full: bool) -
             for row, seq in enumerate(batch):
                 ids[row, :len(seq)] = torch.tensor(seq)
                 mask[row, :len(seq)] = 1
-            runner(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   use_cache=False)
+            device = next(model.parameters()).device
+            runner(input_ids=ids.to(device), attention_mask=mask.to(device),
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device), use_cache=False)
             tokens += int(mask.sum())
     return tokens
 
@@ -51,7 +54,9 @@ def timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b",
+                        help="any model spec, or synthetic:NAME for random weights with real shapes "
+                             "(qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--n", type=int, default=32, help="prompts (half MBPP, half SQuAD)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -59,7 +64,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    lm = load_model(args.model, args.dtype)
+    if args.model.startswith("synthetic:"):  # the real shapes without the download: timing only
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = real_shape_model(args.model.removeprefix("synthetic:"), resolve_dtype(args.dtype), device)
+        lm = LoadedModel(model, byte_tokenizer(), get_adapter(model.config.model_type), {"spec": args.model})
+    else:
+        lm = load_model(args.model, args.dtype)
     examples = sample(load_examples("mbpp"), args.n // 2, 0) + sample(load_examples("squad"), args.n - args.n // 2, 0)
     texts = [format_text(lm.tokenizer, ex) for ex in examples]
     print(f"model {args.model}, dtype {lm.model.dtype}, {len(texts)} prompts, batch {args.batch_size}, "

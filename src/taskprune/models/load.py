@@ -216,8 +216,3 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None,
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
 
-
-def load_tokenizer(spec: str, cache_dir: Path | None = None):
-    """The tokenizer alone (prompt formatting for data without loading weights)."""
-    path, _ = resolve_model_path(spec, cache_dir)
-    return AutoTokenizer.from_pretrained(path)
