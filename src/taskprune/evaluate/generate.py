@@ -23,26 +23,38 @@ answer lengths vary a lot (GSM8K reasoning, HumanEval completions):
 
 Design choice and measurements
 ------------------------------
-Measured on this project's CPU machine (2 shared cores, AMX/AVX-512 bf16), Qwen2.5-Coder-0.5B-
-Instruct in bf16, GSM8K chat prompts (~130 prompt tokens), ``max_new_tokens=256``:
+All numbers: Qwen2.5-Coder-0.5B-Instruct in bf16 on this project's CPU machine (2 cores with
+AMX/AVX-512 bf16, shared with other jobs, hence ``--threads 1`` in the benchmark runs).
 
-* a decode step costs about 0.06 s at batch 1 and 0.10 s at batch 8, while prefilling a batch of
-  8 rows of ~350 tokens (prompt + tokens generated so far) costs about 2.5 s;
-* so design (a), "re-prefill the whole batch from scratch whenever the active set changes", pays
-  ~25 decode steps per finished sample -- with answers of 150-250 tokens at batch 8, a finish
-  every ~25 steps, that roughly doubles the run time. Design (b), per-row cache surgery (evict
-  with ``index_select``, prefill only the newcomer, merge), costs one small prefill per sample plus
-  a cache copy, and was chosen;
-* ``benchmarks/eval_throughput.py`` (16 GSM8K prompts, 256 new tokens): engine at batch 8 runs
-  ~5x the tokens/s of a batch-1 ``model.generate`` loop; on 16 HumanEval prompts it runs ~1.9x
-  the tokens/s of batch-8 ``model.generate`` (which keeps decoding finished rows until the
-  longest one in each batch ends). Run the benchmark for current numbers.
-* transformers 5.24's continuous batching (``model.generate_batch``, paged cache) was tried as
-  well: it runs on CPU here but was slower than this engine on the same workload and is not
-  used (see the benchmark's ``--try-continuous-batching``).
+* Cost model (2 threads, machine quiet): a decode step costs ~75 ms at batch 1 and 80-93 ms at
+  batch 8 (cache length 150-350), so batching 8 rows is nearly free on CPU; prefilling one
+  150-token prompt costs ~0.2 s, a batch of 8 rows of 350 tokens ~2.4 s (~26 decode steps).
+* Refill design (a), re-prefill the whole batch (prompts + tokens so far) whenever the active set
+  changes, would pay ~26 decode steps per finished sample; with 150-250-token answers at batch 8
+  a row finishes every ~25 steps, so by this estimate it roughly doubles the run time. Design (b),
+  per-row cache surgery (evict with ``index_select``, prefill only the newcomers, then
+  left-pad-and-concatenate), costs one small prefill per sample plus a cache copy; it is what this
+  module implements.
+* ``benchmarks/eval_throughput.py --threads 1 --try-continuous-batching`` with its defaults (16
+  prompts per task, 384 new tokens, batch 8; tokens/s of useful tokens, each ratio against a
+  baseline timed in the same run): GSM8K engine 39.6 tok/s vs a batch-1 ``model.generate`` loop
+  (first 4 prompts) 7.2 tok/s = **5.53x** (6.65x at 128 new tokens); HumanEval engine 41.0 tok/s
+  vs batch-8 ``model.generate`` 27.3 tok/s = **1.50x** (1.55x in a second run; at 128 new tokens
+  most rows hit the budget and the two tie, 1.01x: refill pays only when answer lengths vary).
+* Exactness on the real model: in fp32, 6/6 GSM8K outputs at batch 3 with refill (128 new tokens)
+  and 8/8 at batch 8 (48 tokens) equal batch-1 ``model.generate``'s, and 8/8 HumanEval outputs
+  equal batch-8 ``model.generate``'s. In bf16 only some do (GSM8K 9/16 at 128 tokens, 1/4 at 384;
+  HumanEval 15/16 vs batch 8): bf16 rounding differs between batch shapes and padded vs unpadded
+  attention, a flipped near-tie makes the texts diverge, and long answers give more chances.
+* transformers 5.24's continuous batching (``model.generate_batch``, paged cache) works on CPU
+  here, if given an explicit ``num_blocks`` (by default it reserves 60% of the machine's RAM),
+  and diverges from batch 1 in bf16 like this engine does. It was slower: 32.1 tok/s, 4.48x the
+  batch-1 loop, in the default run above (this engine 1.23x faster; 1.20x at 128 new tokens). It
+  is not used.
 
-The engine works on any device and dtype the model is on (CPU or CUDA, fp32 or bf16). It requires
-a model whose ``DynamicCache`` layers are plain full-attention layers (Llama/Qwen2-style, no
+The engine runs on the model's device in the model's dtype (CPU or CUDA, fp32 or bf16; only CPU
+has been exercised so far, as no GPU was available when it was written). It requires a model
+whose ``DynamicCache`` layers are plain full-attention layers (Llama/Qwen2-style, no
 sliding-window or linear-attention layers), which it checks.
 """
 
@@ -55,7 +67,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 __all__ = ["GenerationRecord", "generate", "eos_token_ids"]
@@ -97,7 +109,7 @@ class _Row:
     stopped_by: str | None = None
 
 
-def eos_token_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Return the set of token ids that end generation.
 
     The union of ``tokenizer.eos_token_id`` and every id in ``model.generation_config.eos_token_id``
@@ -261,8 +273,8 @@ def _decode_step(model, batch: _Batch, cache_kw: str) -> torch.Tensor:
 
 
 def generate(
-    model,
-    tokenizer,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,
     batch_size: int = 8,
@@ -378,8 +390,8 @@ def generate(
         batch.next_tokens = tokens
         batch.select(keep)
 
-    was_training = model.training
-    model.eval()
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # no dropout; every module's own mode is restored afterwards
     try:
         with torch.inference_mode():
             running = _Batch(None, None, None, [])
@@ -407,7 +419,8 @@ def generate(
                     row.seconds += dt / len(running)
                 settle(running, tokens, token_list)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         if bar is not None:
             bar.close()
 
