@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from taskprune.evaluate.resources import weight_bytes
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records, score_records, summarise
 from taskprune.evaluate.tasks import TASKS, get_task, mbpp_entry_point
 from taskprune.models import LoadedModel, get_adapter
@@ -64,7 +65,12 @@ def test_evaluate_resumes_without_loss_or_duplicates(lm, data_dir, tmp_path):
     assert summary["tasks"]["gsm8k"]["n"] == 3 and 0 <= summary["tasks"]["gsm8k"]["accuracy"] <= 1
     again = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)  # nothing left to generate
     assert again["tasks"]["gsm8k"]["n"] == 3 and len(path.read_text().splitlines()) == 3
-    assert json.loads((tmp_path / "summary.json").read_text())["resources"]["parameters"] > 0
+    res = json.loads((tmp_path / "summary.json").read_text())["resources"]
+    assert res["parameters"] > 0 and res["weight_bytes"] == weight_bytes(lm.model)
+    working = summary["tasks"]["gsm8k"]["working_set_bytes"]
+    if working is not None:  # Linux: the model's footprint is its weights plus generation's working set
+        assert again["tasks"]["gsm8k"]["working_set_bytes"] == working  # nothing generated: earlier figure kept
+        assert res["peak_memory_bytes"] == res["weight_bytes"] + working
 
 
 def test_task_registry():
@@ -73,15 +79,22 @@ def test_task_registry():
         get_task("gsm9k")
 
 
-def test_cpu_peak_memory_resets_so_load_copies_do_not_count():
-    from taskprune.evaluate.resources import peak_memory_bytes, reset_peak_memory
-    cpu = torch.device("cpu")
-    big = torch.ones(300_000_000, dtype=torch.uint8)  # 300 MB resident
-    big += 1
-    before, _ = peak_memory_bytes(cpu, since_reset=False)
-    del big
-    if not reset_peak_memory(cpu):
+def test_working_set_counts_only_what_the_work_adds():
+    from taskprune.evaluate.resources import WorkingSet
+    held = torch.ones(300_000_000, dtype=torch.uint8)  # 300 MB resident before the work starts
+    held += 1
+    with WorkingSet(torch.device("cpu")) as ws:
+        work = torch.ones(100_000_000, dtype=torch.uint8)  # the work touches 100 MB
+        work += 1
+        del work
+    if ws.peak is None:
         pytest.skip("this system cannot reset the RSS high-water mark")
-    after, kind = peak_memory_bytes(cpu, since_reset=True)
-    assert kind == "rss_high_water"
-    assert after < before - 200_000_000
+    assert 90_000_000 <= ws.peak < 200_000_000  # neither the 300 MB held nor nothing
+    del held
+
+
+def test_weight_bytes_counts_parameters_and_buffers_at_their_dtype():
+    from taskprune.evaluate.resources import weight_bytes
+    m = torch.nn.Linear(4, 3).to(torch.bfloat16)  # 12 + 3 parameters, 2 bytes each
+    m.register_buffer("scale", torch.zeros(5, dtype=torch.float32))  # 5 x 4 bytes
+    assert weight_bytes(m) == 15 * 2 + 5 * 4

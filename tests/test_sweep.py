@@ -52,6 +52,13 @@ def test_study_end_to_end_with_report(tiny_dir, tmp_path, capsys):
     assert {i: r["reference"] for i, r in pruned.items()} == base
     assert any(r["task_output"] != base[i] for i, r in pruned.items())
     assert min(r["similarity"] for r in pruned.values()) < 0.999
+    # Resources are each model's own: weights shrink with the ratio; peak memory is the weights plus a
+    # working set, not the study process's resident set (hundreds of MB of torch alone).
+    con = sqlite3.connect(tmp_path / "run" / "results.sqlite")
+    res = dict(con.execute("SELECT variant, checkpoint_bytes FROM results WHERE task = 'mbpp'").fetchall())
+    assert res["base"] > res["random-r0.25-s42"] > res["random-r0.5-s42"]
+    for variant, weights, peak in con.execute("SELECT variant, checkpoint_bytes, peak_memory_bytes FROM results"):
+        assert peak is None or weights <= peak < weights + 100 * 2**20, variant
 
 
 def test_resume_after_fault_loses_and_duplicates_nothing(tiny_dir, tmp_path, monkeypatch):

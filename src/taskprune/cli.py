@@ -248,8 +248,10 @@ def cmd_eval(args) -> int:
     lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
     summary = evaluate(lm, tasks, args.out, settings, references, similarity)
     r = summary["resources"]
-    print(f"parameters {r['parameters']:,}; peak memory {r['peak_memory_bytes'] / 2**30:.2f} GiB "
-          f"({r['peak_memory_kind']}); batch-1 decode {r['tokens_per_s_batch1'] or 0:.1f} tokens/s")
+    peak = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB (weights {r['weight_bytes'] / 2**30:.2f} + working set)"
+            if r["peak_memory_bytes"] is not None else "not measurable here")
+    print(f"parameters {r['parameters']:,}; peak memory {peak}; "
+          f"batch-1 decode {r['tokens_per_s_batch1'] or 0:.1f} tokens/s")
     print(f"per-sample records and summary.json in {args.out}")
     return 0
 

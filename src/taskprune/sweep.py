@@ -59,10 +59,6 @@ def _eval_key(cfg: StudyConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
-def _param_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
 class Study:
     """One study directory: config, profile, per-variant evaluations, `results.sqlite`, report."""
 
@@ -168,7 +164,7 @@ class Study:
                 scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
                 accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
                 type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
-                parameters=res["parameters"], checkpoint_bytes=_param_bytes(lm.model),  # weights at the evaluation dtype
+                parameters=res["parameters"], checkpoint_bytes=res["weight_bytes"],  # weights at the evaluation dtype
                 peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
                 tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
                 config_hash=self.cfg.hash()), items)
@@ -202,7 +198,6 @@ class Study:
         cfg = self.cfg
         lm = load_model(cfg.model, cfg.dtype)
         profile = self.profile(lm)
-        pristine = copy.deepcopy(lm.model)
         if cfg.baseline or any(task_kind(t) == "similarity" for t in self.tasks):
             self.log("== baseline (unpruned)")
             self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
@@ -210,14 +205,14 @@ class Study:
         for k, cell in enumerate(todo, 1):
             self.log(f"== [{k}/{len(todo)}] {cell.name()}")
             plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
-                                        cell.seed, model=pristine, adapter=lm.adapter)
-            model = prune_model(copy.deepcopy(pristine), lm.adapter, plan)
+                                        cell.seed, model=lm.model, adapter=lm.adapter)
+            model = prune_model(copy.deepcopy(lm.model), lm.adapter, plan)  # lm.model stays unpruned
             variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
             self.evaluate_variant(variant_lm, cell.name(), cell, plan.exact_ratio, recovered=False)
             r = cfg.recovery
             if r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios):
                 self.log(f"== [{k}/{len(todo)}] {cell.name(recovered=True)} (LoRA recovery, preset {r.preset})")
-                self.recover_variant(lm, cell, plan, model, parameter_count(pristine))
+                self.recover_variant(lm, cell, plan, model, parameter_count(lm.model))
             del model, variant_lm
         return self.dir
 

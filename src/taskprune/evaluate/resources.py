@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from pathlib import Path
 
@@ -22,29 +20,62 @@ def checkpoint_bytes(path: str | Path | None) -> int | None:
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
 
 
-def reset_peak_memory(device: torch.device) -> bool:
-    """Start a new peak: CUDA's peak statistics on a GPU; on Linux the process's RSS high-water mark
-    (writing 5 to /proc/self/clear_refs), so that the weights' load-time copies do not count.
-    Returns False where the peak could not be reset (then it is the whole process's)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return True
-    try:
-        _CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers at their current dtype."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def peak_memory_bytes(device: torch.device, since_reset: bool = True) -> tuple[int, str]:
-    """CUDA peak allocated on a GPU; on a CPU the RSS high-water mark: "rss_high_water" since
-    `reset_peak_memory` when that succeeded, else "process_max_rss" (the whole process's peak)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    return rss, "rss_high_water" if since_reset else "process_max_rss"
+def _proc_status_bytes(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"{field} not in {_STATUS}")
+
+
+class WorkingSet:
+    """Peak memory a piece of work adds on top of what was in use when it started.
+
+    On a GPU: CUDA's peak allocated minus the allocation at the start. On Linux CPUs: the resident
+    set's high-water mark (reset by writing 5 to /proc/self/clear_refs) minus the resident set at the
+    start. So whatever else the process holds (an unpruned copy in a study, the loaded weights
+    themselves) does not count, and `weight_bytes(model) + peak` is the model's own footprint.
+    `peak` stays None where neither is available (non-Linux CPUs).
+
+        with WorkingSet(device) as ws:
+            generate(...)
+        ws.peak  # bytes, or None
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> "WorkingSet":
+        self.start = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                _CLEAR_REFS.write_text("5")
+                self.start = _proc_status_bytes("VmRSS")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            high = torch.cuda.max_memory_allocated(self.device)
+        else:
+            high = _proc_status_bytes("VmHWM")
+        self.peak = max(high - self.start, 0)
 
 
 @torch.inference_mode()

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from taskprune.data import Example
 from taskprune.evaluate.generate import generate
-from taskprune.evaluate.resources import (checkpoint_bytes, decode_tokens_per_second, parameter_count,
-                                          peak_memory_bytes, reset_peak_memory)
+from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
+                                          parameter_count, weight_bytes)
 from taskprune.evaluate.sandbox import run_many
 from taskprune.evaluate.tasks import Task, get_task, task_kind
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
@@ -155,12 +155,13 @@ def summarise(task: Task, rows: list[dict]) -> dict:
 def _multiple_choice(lm: LoadedModel, name: str, out_dir: Path, settings: EvalSettings, progress: bool) -> dict:
     """Log-likelihood scoring of an `mc:SET` task; records to `mc-SET.jsonl` (cheap: rescored on every run)."""
     from taskprune.evaluate.multiple_choice import evaluate_multiple_choice  # noqa: PLC0415 - optional data
-    result = evaluate_multiple_choice(lm, name[3:], settings.limit, settings.data_dir, settings.batch_size)
+    with WorkingSet(next(lm.model.parameters()).device) as ws:
+        result = evaluate_multiple_choice(lm, name[3:], settings.limit, settings.data_dir, settings.batch_size)
     write_records(out_dir / f"mc-{name[3:]}.jsonl", result["records"])
     s = result["summary"]
     if progress:
         print(f"{name}: acc {s['acc']:.3f}, acc_norm {s['acc_norm']:.3f} on {s['n']} ({s['source']})")
-    return {**s, "kind": "multiple-choice", "accuracy": s["acc"]}
+    return {**s, "kind": "multiple-choice", "accuracy": s["acc"], "working_set_bytes": ws.peak}
 
 
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
@@ -169,7 +170,6 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(lm.model.parameters()).device
-    peak_reset = reset_peak_memory(device)
     summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}
     if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
         summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
@@ -183,25 +183,35 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         examples = task.examples(settings.data_dir, settings.limit)
         budget = max(task.max_new_tokens, settings.trap_budget)
         start = time.perf_counter()
-        records = generate_records(lm, task, examples, out_dir / f"{name}.jsonl", budget, settings, progress)
+        path = out_dir / f"{name}.jsonl"
+        generated_before = len(read_records(path))
+        with WorkingSet(device) as ws:
+            records = generate_records(lm, task, examples, path, budget, settings, progress)
         rows = score_records(lm, task, examples, records, settings, (references or {}).get(name), similarity)
-        write_records(out_dir / f"{name}.jsonl", rows)
+        write_records(path, rows)
         result = summarise(task, rows)
         result["wall_s_this_run"] = time.perf_counter() - start
+        # Memory generation added on top of the weights; a run that generated nothing keeps the earlier figure.
+        earlier = summary["tasks"].get(name, {}).get("working_set_bytes")
+        result["working_set_bytes"] = ws.peak if len(records) > generated_before or earlier is None else earlier
         summary["tasks"][name] = result
         if progress:
             metric = f"accuracy {result['accuracy']:.3f}" if "accuracy" in result else f"similarity {result['similarity']:.3f}"
             print(f"{name}: {metric} on {result['n']}, traps {result['trap_pct']:.1f}% "
                   f"(type 1 {result['type1_pct']:.1f}%, type 2 {result['type2_pct']:.1f}%), "
                   f"{result['tokens_per_s']:.1f} tokens/s")
-    peak, how = peak_memory_bytes(device, since_reset=peak_reset)
+    working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
+    weights = weight_bytes(lm.model)
     generative = [n for n in task_names if task_kind(n) != "multiple-choice"] or ["gsm8k"]
     speed_prompts = [chat_prompt(lm.tokenizer, get_task(generative[0]).user_message(ex))
                      for ex in get_task(generative[0]).examples(settings.data_dir, settings.speed_prompts)]
     summary["resources"] = {
         "parameters": parameter_count(lm.model),
         "checkpoint_bytes": checkpoint_bytes(lm.source.get("path")),
-        "peak_memory_bytes": peak, "peak_memory_kind": how,
+        "weight_bytes": weights,
+        # The model's own footprint: weights plus the largest working set of its generation/scoring.
+        "peak_memory_bytes": weights + max(working) if working else None,
+        "peak_memory_kind": ("cuda" if device.type == "cuda" else "rss") + " weights+working_set" if working else None,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
         "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, speed_prompts)
         if settings.speed_prompts else None,

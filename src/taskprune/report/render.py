@@ -422,7 +422,10 @@ def _resources(d: Doc, rep: Report) -> None:
         d.note("No resource measurements.")
         return
     d.p("Parameters, peak memory and decoding throughput per pruning ratio (the paper's Table 5), measured on "
-        "the selective variants (any pruned variant where there is none); throughput averaged over tasks.")
+        "the selective variants (any pruned variant where there is none); throughput averaged over tasks. "
+        "Peak memory is the model's own: its weights plus the most memory its generation added on top of what "
+        "was in use when generation started (CUDA peak allocated on a GPU, resident-set high-water mark on a "
+        "CPU), so what else the study process holds does not count.")
 
     def tps(x):
         return "–" if x is None else f"{x:,.1f}"
