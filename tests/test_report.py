@@ -302,6 +302,20 @@ def test_grid_random_mean_and_range_in_seed_order():
     assert not g.row("random").cells[0.1].spread  # one seed at 10%: a plain value
 
 
+def test_scorer_plot_at_one_ratio_is_a_bar_per_scorer():
+    from taskprune.report import plots
+    rows = [_r("base", "none", 0.0, 0.5, scorer=None), _r("sel", "selective", 0.05, 0.4),
+            _r("wsp", "selective", 0.05, 0.45, scorer="wanda-sp"),
+            _r("r42", "random", 0.05, 0.3, seed=42), _r("r33", "random", 0.05, 0.2, seed=33)]
+    g = T.scorer_grid(rows, "humaneval")
+    assert g.ratios == [0.05] and [r.label for r in g.rows][:2] == ["selectivity", "wanda-sp"]
+    png = plots.grid_plot([g], "accuracy", "Scorer comparison", by_scorer=True)
+    assert png.startswith(b"\x89PNG") and png == plots._scorer_bars([g], "accuracy", "Scorer comparison", True, None)
+    two = T.scorer_grid(rows + [_r("sel10", "selective", 0.1, 0.3)], "humaneval")  # two ratios: lines
+    assert plots.grid_plot([two], "accuracy", "Scorer comparison", by_scorer=True) != \
+        plots._scorer_bars([two], "accuracy", "Scorer comparison", True, None)
+
+
 def test_recovery_pairs_with_its_pruned_twin():
     rows = [_r("sel", "selective", 0.1, 0.45), _r("sel-rec", "selective", 0.1, 0.55, recovered=1),
             _r("r42", "random", 0.1, 0.40, seed=42), _r("r33", "random", 0.1, 0.20, seed=33),

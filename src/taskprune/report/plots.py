@@ -83,6 +83,8 @@ def grid_plot(grids: list[Grid], ylabel: str, title: str, percent: bool = True, 
     grids = [g for g in grids if not g.empty]
     if not grids:
         return None
+    if by_scorer and all(len(g.ratios) == 1 for g in grids):
+        return _scorer_bars(grids, ylabel, title, percent, titles)
     fig, axes = _figure(len(grids))
     for k, (ax, g) in enumerate(zip(axes, grids)):
         for i, row in enumerate(g.rows):
@@ -114,6 +116,36 @@ def grid_plot(grids: list[Grid], ylabel: str, title: str, percent: bool = True, 
             top = max([v for row in g.rows for c in row.cells.values() for v in c.values]
                       + ([g.baseline] if g.baseline is not None else []) + [1.0])
             ax.set_ylim(0, top * 1.08)
+        ax.set_title(titles[k] if titles else g.task)
+    _legend(fig, axes)
+    return _png(fig, title)
+
+
+def _scorer_bars(grids: list[Grid], ylabel: str, title: str, percent: bool,
+                 titles: list[str] | None) -> bytes:
+    """One ratio only: a horizontal bar per scorer (random: its mean, with the min-max over seeds as a whisker)."""
+    n_rows = max(len(g.rows) for g in grids)
+    fig, axes = _figure(len(grids), height=0.42 * n_rows + 1.4)
+    for k, (ax, g) in enumerate(zip(axes, grids)):
+        ratio = g.ratios[0]
+        rows = [row for row in g.rows if ratio in row.cells and row.cells[ratio].values]
+        ys = list(range(len(rows)))[::-1]  # first row on top
+        for y, (i, row) in zip(ys, enumerate(rows)):
+            cell = row.cells[ratio]
+            err = [[cell.value - cell.lo], [cell.hi - cell.value]] if cell.spread else None
+            ax.barh(y, cell.value, color=_row_color(i, row.strategy, True), xerr=err, capsize=4,
+                    hatch="//" if row.strategy == "random" else None, edgecolor="white")
+            ax.annotate(f"{cell.value:.1f}%" if percent else f"{cell.value:.3g}", (cell.hi, y), xytext=(6, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels([row.label.replace(" [min–max]", "") for row in rows], fontsize=9)
+        if g.baseline is not None:
+            ax.axvline(g.baseline, color="black", linewidth=0.8, linestyle=":", label="unpruned baseline")
+        ax.set_xlabel(f"{ylabel} at {100 * ratio:g}% pruned")
+        if percent:
+            _pct_axis(ax.xaxis)
+            top = max([row.cells[ratio].hi for row in rows] + ([g.baseline] if g.baseline is not None else []) + [1.0])
+            ax.set_xlim(0, top * 1.15)
         ax.set_title(titles[k] if titles else g.task)
     _legend(fig, axes)
     return _png(fig, title)
