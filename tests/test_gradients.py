@@ -131,6 +131,21 @@ def test_ig_all_positions_matches_reference_loop(setup):
     torch.testing.assert_close(got["ig.sum"], ref, rtol=1e-4, atol=1e-7)
 
 
+def test_ig_steps_do_not_rerun_the_layers_below_the_scaled_one(setup):
+    model, tok, adapter = setup
+    calls = []
+    layers = model.model.layers
+    handles = [m.mlp.register_forward_hook(lambda mod, a, out, i=i: calls.append(i)) for i, m in enumerate(layers)]
+    try:
+        gradient_stats(model, tok, TEXTS[:1], adapter, kinds=("ig",), ig_steps=5, ig_threshold=0.0, progress=False)
+    finally:
+        for h in handles:
+            h.remove()
+    # one unscaled forward through both layers; then layer 0's 5 steps run both, layer 1's run layer 1 only
+    assert calls.count(0) == 1 + 5 and calls.count(1) == 1 + 5 + 5
+    assert all(m.__dict__.get("forward") is None for m in layers)  # the layers' own forward is back
+
+
 def test_batch_size_and_max_prompts(setup):
     model, tok, adapter = setup
     kw = dict(kinds=("taylor", "ig"), ig_steps=2, ig_threshold=0.0, progress=False)

@@ -17,7 +17,8 @@ Two kinds, each a few float64 `[layers, d_ff]` sums (plus counts) whatever the n
   `A[l, j] = sum over t in S of h[t, j] * mean_k dF/dx[t, j] (alpha_k * h)`, `alpha_k = (k - 1/2) / m`
   (Riemann midpoint, m steps). Completeness: `sum_j A[l, j] ~= F(h) - F(h with layer l zeroed on S)`,
   with an O(1/m^2) error. Stored: `ig.sum` (sum over texts of A) and `ig.positions` (|S| summed).
-  Cost per batch: one forward, then layers x m forward+backward passes.
+  Cost per batch: one forward, then layers x m forward+backward passes, each through the layers from
+  the scaled one up only (the lower ones do not depend on alpha), with logits at the selected columns only.
 
 Batches are right-padded with position ids from the attention mask, each text's loss is a sum over
 its own positions, so every statistic is a sum of per-text terms: independent of batch size.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskprune.models.adapters import MLPAdapter
+from taskprune.models.adapters import MLPAdapter, decoder_layers
 
 KINDS = ("taylor", "ig")
 IG_POSITIONS = ("all", "answer")
@@ -70,9 +71,9 @@ class _FrozenParams:
             p.requires_grad_(flag)
 
 
-def _forward(model, ids, mask):
+def _forward(model, ids, mask, **kwargs):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs).logits
 
 
 def _taylor_batch(model, adapter, mlps, ids, mask, acc: dict) -> None:
@@ -113,13 +114,75 @@ def _selected_positions(logits, mask, starts, threshold) -> tuple[torch.Tensor, 
     return y, candidate & (p > threshold)
 
 
+class _SkipLowerLayers:
+    """For the IG steps of layer l: the decoder layers below l do not depend on the scale, so they are
+    not run again. Their `forward` is replaced for the duration: the first returns the input that layer
+    l received in the unscaled forward, the others pass it on (in the real layers' output format).
+    Embedding, masks, rotary embeddings, final norm and head run as usual."""
+
+    def __init__(self, layers: nn.ModuleList, inputs: list[torch.Tensor], as_tuple: bool):
+        self.layers, self.inputs, self.as_tuple = layers, inputs, as_tuple
+
+    def __call__(self, layer: int) -> "_SkipLowerLayers":
+        self.layer = layer
+        return self
+
+    def __enter__(self) -> None:
+        self.saved = [(m, m.__dict__.get("forward")) for m in self.layers[:self.layer]]
+        for i, (m, _) in enumerate(self.saved):
+            cached = self.inputs[self.layer] if i == 0 else None
+            m.forward = self._replay(cached)
+
+    def _replay(self, cached: torch.Tensor | None):
+        def forward(hidden_states, *args, **kwargs):
+            h = cached if cached is not None else hidden_states
+            return (h,) if self.as_tuple else h
+        return forward
+
+    def __exit__(self, *exc) -> None:
+        for m, forward in self.saved:
+            del m.forward
+            if forward is not None:  # e.g. a device-placement wrapper installed on the instance
+                m.forward = forward
+
+
+def _layer_inputs(model, ids, mask) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+    """One unscaled forward: logits, each decoder layer's input hidden states, and whether layers
+    return tuples (older transformers) or tensors."""
+    layers = decoder_layers(model)
+    inputs: list = [None] * len(layers)
+    out_tuple: list[bool] = []
+
+    def record(i):
+        def pre_hook(module, args, kwargs):
+            inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return pre_hook
+
+    handles = [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(layers)]
+    handles.append(layers[0].register_forward_hook(lambda m, a, out: out_tuple.append(isinstance(out, tuple))))
+    try:
+        logits = _forward(model, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, inputs, out_tuple[0]
+
+
 def _ig_batch(model, adapter, mlps, ids, mask, starts, steps, threshold, acc: dict) -> None:
-    """IG of F = sum of the greedy log-probabilities at the selected positions, layer by layer."""
+    """IG of F = sum of the greedy log-probabilities at the selected positions, layer by layer.
+
+    Each step computes only what depends on the scale: the layers from the scaled one up (see
+    `_SkipLowerLayers`) and the head's logits at the columns holding a selected position."""
     with torch.no_grad():
-        y, sel = _selected_positions(_forward(model, ids, mask), mask, starts, threshold)
+        logits, inputs, as_tuple = _layer_inputs(model, ids, mask)
+        y, sel = _selected_positions(logits, mask, starts, threshold)
+        del logits
     count = int(sel.sum())
     if count == 0:
         return
+    cols = sel.any(0).nonzero().flatten()  # sorted, so sel[:, cols] keeps sel's row-major order
+    sel_kept, y_sel = sel[:, cols], y[sel]
+    skip = _SkipLowerLayers(decoder_layers(model), inputs, as_tuple)
     state: dict = {}
 
     def scale_hook(module, args):
@@ -133,13 +196,15 @@ def _ig_batch(model, adapter, mlps, ids, mask, starts, steps, threshold, acc: di
         grad_sum = None
         handle = adapter.down_proj(mlp).register_forward_pre_hook(scale_hook)
         try:
-            for k in range(steps):
-                state["alpha"] = (k + 0.5) / steps
-                logp = _forward(model, ids, mask)[sel].float().log_softmax(-1)  # [count, vocab]
-                f = logp.gather(-1, y[sel].unsqueeze(-1)).sum()
-                (g,) = torch.autograd.grad(f, state["x"])
-                g = g.double()
-                grad_sum = g if grad_sum is None else grad_sum + g
+            with skip(layer):
+                for k in range(steps):
+                    state["alpha"] = (k + 0.5) / steps
+                    logits = _forward(model, ids, mask, logits_to_keep=cols)
+                    logp = logits[sel_kept].float().log_softmax(-1)  # [count, vocab]
+                    f = logp.gather(-1, y_sel.unsqueeze(-1)).sum()
+                    (g,) = torch.autograd.grad(f, state["x"])
+                    g = g.double()
+                    grad_sum = g if grad_sum is None else grad_sum + g
         finally:
             handle.remove()
         acc["ig.sum"][layer] += (state["h"].double() * grad_sum / steps).sum(0).cpu()
