@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import time
 from pathlib import Path
 
@@ -35,6 +37,16 @@ def _proc_status_bytes(field: str) -> int:
     raise OSError(f"{field} not in {_STATUS}")
 
 
+def _release_free_heap() -> None:
+    """Hand memory freed by earlier work back to the OS (glibc's malloc_trim), so the resident set at
+    the start is what is live, and an earlier task's freed buffers do not hide this one's growth."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkingSet:
     """Peak memory a piece of work adds on top of what was in use when it started.
 
@@ -60,6 +72,7 @@ class WorkingSet:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            _release_free_heap()
             try:
                 _CLEAR_REFS.write_text("5")
                 self.start = _proc_status_bytes("VmRSS")
