@@ -210,6 +210,7 @@ def test_partial_study_renders_with_notes(partial):
     assert _row(md, "wanda-sp", sec) == "| wanda-sp | 40.0 | 30.0 |"
     assert _row(md, "random (mean of seeds 42, 33) [min–max]", sec).endswith("| 32.5 [25.0–40.0] |")
     assert "](report-scorers.png)" in md and (run / "report-scorers.png").is_file()
+    assert "![Selective accuracy per scorer vs pruning ratio (random: mean of seeds, band" in md  # two ratios: lines
     assert html.count('<img src="data:image/png;base64,') == len(list(run.glob("report-*.png")))
 
 
@@ -314,6 +315,12 @@ def test_scorer_plot_at_one_ratio_is_a_bar_per_scorer():
     two = T.scorer_grid(rows + [_r("sel10", "selective", 0.1, 0.3)], "humaneval")  # two ratios: lines
     assert plots.grid_plot([two], "accuracy", "Scorer comparison", by_scorer=True) != \
         plots._scorer_bars([two], "accuracy", "Scorer comparison", True, None)
+
+
+def test_scorer_figure_caption_at_one_ratio_names_the_bars(tmp_path):
+    run = BUILD.build(tmp_path / "run", _two_scorers(), drop=lambda r: r["ratio_nominal"] not in (0.0, 0.1))
+    text = write_report(run)[0].read_text()
+    assert "![Selective accuracy per scorer (random: mean of seeds, whisker = min–max)](report-scorers.png)" in text
 
 
 def test_recovery_pairs_with_its_pruned_twin():
