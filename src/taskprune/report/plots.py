@@ -74,6 +74,11 @@ def _row_color(i: int, strategy: str, by_scorer: bool) -> str:
     return COLORS.get(strategy, CYCLE[(i + 3) % len(CYCLE)])
 
 
+def one_ratio(grids: list[Grid]) -> bool:
+    """Whether every grid has a single ratio: a scorer comparison is then drawn as bars, not lines."""
+    return all(len(g.ratios) == 1 for g in grids)
+
+
 def grid_plot(grids: list[Grid], ylabel: str, title: str, percent: bool = True, by_scorer: bool = False,
               titles: list[str] | None = None, ylim: tuple[float, float] | None = None) -> bytes | None:
     """One panel per grid: a line per strategy over the ratios, starting at the baseline.
@@ -83,7 +88,7 @@ def grid_plot(grids: list[Grid], ylabel: str, title: str, percent: bool = True, 
     grids = [g for g in grids if not g.empty]
     if not grids:
         return None
-    if by_scorer and all(len(g.ratios) == 1 for g in grids):
+    if by_scorer and one_ratio(grids):
         return _scorer_bars(grids, ylabel, title, percent, titles)
     fig, axes = _figure(len(grids))
     for k, (ax, g) in enumerate(zip(axes, grids)):

@@ -450,9 +450,8 @@ def _scorers(d: Doc, rep: Report) -> None:
         return
     _grid_tables(d, grids, "Accuracy (%) of selective pruning per scorer and ratio, before recovery, with random "
                  "pruning beside.", "accuracy (%) per scorer", with_baseline=True, row_header="Scorer")
-    one_ratio = all(len(g.ratios) == 1 for g in grids)  # grid_plot then draws bars
     d.image("report-scorers.png", plots.grid_plot(grids, "accuracy", "Scorer comparison", by_scorer=True),
-            "Selective accuracy per scorer (random: mean of seeds, whisker = min–max)" if one_ratio else
+            "Selective accuracy per scorer (random: mean of seeds, whisker = min–max)" if plots.one_ratio(grids) else
             "Selective accuracy per scorer vs pruning ratio (random: mean of seeds, band = min–max)")
     _scorer_summary(d, rep)
 
