@@ -1,4 +1,11 @@
-"""Write a directory all at once: build it in a temporary sibling, rename it into place at the end."""
+"""Outputs written all at once, and replaced only when taskprune wrote them.
+
+`atomic_dir` builds a directory in a temporary sibling and renames it into place at the end.
+`check_replaceable` is the one rule for `--overwrite`: an existing output is replaced only when it
+is a directory that the same kind of command wrote (it holds that kind's marker file, e.g.
+`pruning.json` for a pruned checkpoint) or an empty directory. A regular file, a link, an
+unrelated directory or a non-empty directory without the marker is refused, with the path named.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +16,94 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# What each command writes, as alternative groups of marker files (a directory qualifies when it
+# holds every file of one group).
+MARKERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "profile": (("profile.json",),),  # taskprune capture
+    "checkpoint": (("pruning.json",),),  # taskprune prune
+    "recovery": (("recovery.json",),),  # taskprune recover
+    "eval": (("summary.json",),),  # taskprune eval
+    "study": (("config.yaml", "results.sqlite"),),  # taskprune run
+}
+
+_WHAT = {"profile": "profile", "checkpoint": "pruned checkpoint", "recovery": "recovered checkpoint",
+         "eval": "evaluation directory", "study": "study directory"}
+
+
+class OutputExistsError(FileExistsError):
+    """An output path that exists and may not be replaced; the message names it and the fix."""
+
+
+def check_replaceable(path: str | Path, kind: str, overwrite: bool = True) -> None:
+    """Raise `OutputExistsError` unless writing a `kind` output to `path` loses nothing it should not.
+
+    A missing path is always fine. An existing one needs `overwrite`, and then must be an empty
+    directory or a directory holding `kind`'s markers (`MARKERS[kind]`): what taskprune wrote there.
+    """
+    path = Path(path)
+    groups = MARKERS[kind]
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output {path} exists; choose another --out or pass --overwrite")
+    marker = " + ".join(groups[0])
+    refuse = (f"; --overwrite only replaces a {_WHAT[kind]} taskprune wrote (with {marker}): "
+              f"choose another --out or remove it yourself")
+    if path.is_symlink():
+        raise OutputExistsError(f"output {path} is a symbolic link{refuse}")
+    if not path.is_dir():
+        raise OutputExistsError(f"output {path} is a file, not a directory{refuse}")
+    try:
+        if not any(path.iterdir()):
+            return
+    except OSError as err:
+        raise OutputExistsError(f"output {path} cannot be read ({err.strerror}){refuse}") from None
+    if any(all((path / name).is_file() for name in group) for group in groups):
+        return
+    raise OutputExistsError(f"output {path} is a directory without {marker}{refuse}")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 @contextmanager
-def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | Path, overwrite: bool = False, kind: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` when the block succeeds.
 
     On any failure (or interrupt) the temporary directory is removed and `path` is untouched, so
-    a half-written output never exists under the final name.
+    a half-written output never exists under the final name. An existing `path` is replaced only
+    when `overwrite` is set and `check_replaceable(path, kind)` allows it (`kind` None: only a
+    missing or empty path). The directory gets the user's umask, like any `mkdir`.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} exists; choose another --out or pass --overwrite")
+    if kind is not None:
+        check_replaceable(path, kind, overwrite)
+    elif path.exists() or path.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output {path} exists; choose another --out or pass --overwrite")
+        if not path.is_dir() or path.is_symlink() or any(path.iterdir()):
+            raise OutputExistsError(f"output {path} exists and is not an empty directory; choose another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        if kind is not None:
+            check_replaceable(path, kind, overwrite)  # again: it may have appeared meanwhile
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-"))
+            os.replace(path, old / "x")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "x", path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

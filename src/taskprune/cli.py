@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from taskprune import __version__
+from taskprune.atomic import check_replaceable
 
 EPILOG = "Models: a hub id, a local HF directory, a .gguf file, or a packaged name (smollm2-135m, qwen2.5-coder-0.5b)."
 
@@ -83,8 +84,7 @@ def _settings(args):
 def cmd_capture(args) -> int:
     from taskprune.models import load_model
     from taskprune.pipeline import capture_profile, save_profile
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"output {args.out} exists; choose another --out or pass --overwrite")
+    check_replaceable(args.out, "profile", args.overwrite)
     lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
     profile = capture_profile(lm, args.target, _split_sets(args.distractor), _settings(args), args.data_dir)
     save_profile(profile, args.out, overwrite=args.overwrite)
@@ -138,8 +138,7 @@ def cmd_prune(args) -> int:
     from taskprune.models import config_hash, load_model
     from taskprune.pipeline import load_profile, plan_from_profile, prune_and_save
     from taskprune.plan import pruned_count
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"output {args.out} exists; choose another --out or pass --overwrite")
+    check_replaceable(args.out, "checkpoint", args.overwrite)
     if args.profile and args.target:
         raise ValueError("give either --profile or --target/--distractor, not both")
     if args.strategy != "random" and not (args.profile or args.target):

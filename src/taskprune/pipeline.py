@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from taskprune import __version__
+from taskprune.atomic import check_replaceable
 from taskprune.capture import capture
 from taskprune.data import format_text, load_examples, sample
 from taskprune.gradients import check_settings, gradient_stats, prompt_token_lengths
@@ -113,8 +114,7 @@ def prune_in_memory(lm: LoadedModel, plan: Plan) -> nn.Module:
 def prune_and_save(lm: LoadedModel, plan: Plan, out: Path, scorer: str, profile: Profile | None = None,
                    profile_path: Path | None = None, overwrite: bool = False) -> dict:
     """Prune `lm.model` in place and save it with its `pruning.json`; returns that record."""
-    if Path(out).exists() and not overwrite:  # fail before the work, not after
-        raise FileExistsError(f"output {out} exists; choose another --out or pass --overwrite")
+    check_replaceable(out, "checkpoint", overwrite)  # fail before the work, not after
     before = parameter_count(lm.model)
     prune_model(lm.model, lm.adapter, plan)
     record = {

@@ -71,7 +71,7 @@ def profile_hash(path: Path) -> str:
 
 def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
-    with atomic_dir(path, overwrite) as tmp:
+    with atomic_dir(path, overwrite, kind="profile") as tmp:
         tensors, per_prompt = {}, {}
         for name, s in profile.stats.items():
             for key in _TENSORS:

@@ -58,7 +58,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from taskprune import __version__
-from taskprune.atomic import atomic_dir
+from taskprune.atomic import atomic_dir, check_replaceable
 from taskprune.data import Example, load_examples
 from taskprune.data.registry import DataError, load_file
 
@@ -491,8 +491,7 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
     cfg = config or PRESETS[preset]
     cfg.validate()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} exists; choose another --out or pass --overwrite")
+    check_replaceable(out, "recovery", overwrite)
     train_dtype = resolve_dtype(dtype)
     if train_dtype == torch.float16:  # fp16 needs loss scaling, which this loop does not do
         if dtype != "auto":
@@ -599,7 +598,7 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite, kind="recovery") as tmp:
         merged_peft.save_pretrained(tmp / "lora_adapter")
         merged = merged_peft.merge_and_unload()
         from taskprune.models.adapters import get_adapter  # noqa: PLC0415

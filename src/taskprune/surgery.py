@@ -62,7 +62,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: Path, record: dict, overwr
     Everything is written to a temporary sibling directory that is renamed into place at the end,
     so a failure leaves no half-written output.
     """
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, kind="checkpoint") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         record = dict(record, taskprune_version=__version__)
