@@ -1,10 +1,13 @@
 """The evaluation runner: scoring paths on hand-made outputs, traps, resume without loss or duplicates."""
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from taskprune.evaluate.provenance import StaleRecordsError
 from taskprune.evaluate.resources import weight_bytes
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records, score_records, summarise
 from taskprune.evaluate.tasks import TASKS, get_task, mbpp_entry_point
@@ -57,7 +60,12 @@ def test_evaluate_resumes_without_loss_or_duplicates(lm, data_dir, tmp_path):
     settings = EvalSettings(limit=3, batch_size=2, trap_budget=0, speed_prompts=0, data_dir=str(data_dir))
     path = tmp_path / "gsm8k.jsonl"
     first = get_task("gsm8k").examples(data_dir, 3)[0]
-    path.write_text(json.dumps(_record(first.id, "kept from the first run \\boxed{1}")) + "\n" + '{"id": "torn')
+    evaluate(lm, ["gsm8k"], tmp_path, replace(settings, limit=1), progress=False)
+    (kept,) = read_records(path).values()
+    kept = {**kept, "output": "kept from the first run \\boxed{1}"}
+    for field in ("trap", "trap_type", "trap_reason", "task_output", "correct"):
+        kept.pop(field)
+    path.write_text(json.dumps(kept) + "\n" + '{"id": "torn')  # killed mid-line
     summary = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(ex.id for ex in get_task("gsm8k").examples(data_dir, 3))
@@ -71,6 +79,79 @@ def test_evaluate_resumes_without_loss_or_duplicates(lm, data_dir, tmp_path):
     if working is not None:  # Linux: the model's footprint is its weights plus generation's working set
         assert again["tasks"]["gsm8k"]["working_set_bytes"] == working  # nothing generated: earlier figure kept
         assert res["peak_memory_bytes"] == res["weight_bytes"] + working
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def evaluated(lm, data_dir, tmp_path):
+    settings = EvalSettings(limit=2, batch_size=2, trap_budget=0, speed_prompts=0, data_dir=str(data_dir),
+                            max_new_tokens=8)
+    evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)
+    return tmp_path, settings
+
+
+def test_another_model_into_the_same_directory_is_refused(evaluated):
+    out, settings = evaluated
+    other = LoadedModel(tiny_model("qwen2", seed=1), byte_tokenizer(), get_adapter("qwen2"), {"spec": "other"})
+    before = _tree(out)
+    with pytest.raises(StaleRecordsError, match=r"records of model 'tiny', not 'other' \(weights"):
+        evaluate(other, ["gsm8k"], out, settings, progress=False)
+    assert _tree(out) == before
+
+
+def test_the_same_weights_in_another_dtype_are_another_model(lm, evaluated):
+    out, settings = evaluated
+    half = LoadedModel(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, lm.adapter, {"spec": "tiny"})
+    with pytest.raises(StaleRecordsError, match="dtype 'float32' -> 'bfloat16'"):
+        evaluate(half, ["gsm8k"], out, settings, progress=False)
+
+
+def test_other_generation_settings_are_refused_by_name(lm, evaluated):
+    out, settings = evaluated
+    before = _tree(out)
+    with pytest.raises(StaleRecordsError, match="max_new_tokens 8 -> 16"):
+        evaluate(lm, ["gsm8k"], out, replace(settings, max_new_tokens=16), progress=False)
+    with pytest.raises(StaleRecordsError, match="generation_budget 8 -> 64"):
+        evaluate(lm, ["gsm8k"], out, replace(settings, trap_budget=64), progress=False)
+    assert _tree(out) == before
+    # A more items and another batch size are the same records' settings: resumed.
+    s = evaluate(lm, ["gsm8k"], out, replace(settings, limit=3, batch_size=1), progress=False)
+    assert s["tasks"]["gsm8k"]["n"] == 3
+
+
+def test_records_without_or_with_foreign_provenance_are_refused(lm, evaluated, tmp_path_factory):
+    out, settings = evaluated
+    path = out / "gsm8k.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0]["made_by"] = "0" * 16
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(StaleRecordsError, match="was not made by this model and these settings"):
+        evaluate(lm, ["gsm8k"], out, settings, progress=False)
+    records[0]["made_by"], records[0]["prompt"] = records[1]["made_by"], "another instruction"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(StaleRecordsError, match="prompt of record"):
+        evaluate(lm, ["gsm8k"], out, settings, progress=False)
+    legacy = tmp_path_factory.mktemp("legacy")
+    (legacy / "gsm8k.jsonl").write_text(json.dumps(_record("x", "old")) + "\n")
+    with pytest.raises(StaleRecordsError, match="do not say what made them"):
+        evaluate(lm, ["gsm8k"], legacy, settings, progress=False)
+
+
+def test_a_similarity_score_against_another_reference_is_made_again(lm, data_dir):
+    task = get_task("squad-sim")
+    exs = task.examples(data_dir, 2)
+    records = {ex.id: {**_record(ex.id, "an answer"), "trap": False, "trap_type": "none", "trap_reason": "",
+                       "task_output": "an answer", "reference": "an answer", "similarity": 1.0} for ex in exs}
+
+    class Exact:
+        def bertscore(self, cands, refs):
+            return [float(c == r) for c, r in zip(cands, refs)]
+    refs = {exs[0].id: "an answer", exs[1].id: "another answer"}
+    rows = score_records(lm, task, exs, records, EvalSettings(), refs, Exact())
+    assert [(r["reference"], r["similarity"]) for r in rows] == [("an answer", 1.0), ("another answer", 0.0)]
 
 
 def test_task_registry():

@@ -145,8 +145,9 @@ class Study:
             sim = self._similarity() if task_kind(task) == "similarity" else None
             # The baseline is its own reference; every other variant is compared with the baseline's answers.
             refs = None if variant == "base" else {task: self._references(task)}
+            # The variant names the model: a recovery redone after a crash may differ in the last bits.
             summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
-                               progress=self.progress)
+                               progress=self.progress, identity={"study": self.cfg.hash(), "variant": variant})
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
             if task_kind(task) == "multiple-choice":

@@ -4,9 +4,11 @@ Layout of an evaluation directory:
 
     <out>/<task>.jsonl     one record per sample: prompt, output, new tokens, EOS, time, score, trap
     <out>/summary.json     per task: accuracy or similarity, trap %, Type 1/2 %, speed; resources
+    <out>/made_by.json     the model and, per task, the settings that made the records (provenance.py)
 
 Generation appends a line as each sample finishes, so an interrupted run resumes where it stopped;
-scoring fills in the records that have no score yet and rewrites the file atomically.
+scoring fills in the records that have no score yet and rewrites the file atomically. A run with
+another model or other settings into the same directory is refused, never mixed in.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from taskprune.data import Example
+from taskprune.evaluate import provenance
 from taskprune.evaluate.generate import generate
 from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
                                           parameter_count, weight_bytes)
 from taskprune.evaluate.sandbox import run_many
 from taskprune.evaluate.tasks import Task, get_task, task_kind
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
-from taskprune.models import LoadedModel
+from taskprune.models import LoadedModel, config_hash, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -66,12 +69,17 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path: Path, budget: int,
-                     settings: EvalSettings, progress: bool = True) -> dict[str, dict]:
-    """Generate for every example without a record in `path`, appending as samples finish."""
+                     settings: EvalSettings, made_by: str, progress: bool = True) -> dict[str, dict]:
+    """Generate for every example without a record in `path`, appending as samples finish.
+
+    Records already there must carry `made_by` (the key of this model and these settings) and this
+    run's prompt for their item; anything else is refused (provenance.StaleRecordsError)."""
     done = read_records(path)
+    prompts = {ex.id: chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in examples}
+    provenance.check_records(path, done, made_by, prompts)
     todo = [ex for ex in examples if ex.id not in done]
     if todo:
-        prompts = [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in todo]
+        prompts = [prompts[ex.id] for ex in todo]
         stop = task.stop if (settings.stop_at_boxed and task.stop) else None
         path.parent.mkdir(parents=True, exist_ok=True)
         if done:  # drop a torn last line before appending
@@ -80,7 +88,7 @@ def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path:
             def on_record(r) -> None:
                 rec = {"id": todo[r.index].id, "prompt": r.prompt, "output": r.output, "new_tokens": r.new_tokens,
                        "ended_by_eos": r.ended_by_eos, "stopped_by": r.stopped_by, "seconds": r.seconds,
-                       "budget": budget}
+                       "budget": budget, "made_by": made_by}
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 done[rec["id"]] = rec
@@ -127,8 +135,12 @@ def score_records(lm: LoadedModel, task: Task, examples: list[Example], records:
     else:
         if similarity is None:
             raise ValueError(f"task {task.name} needs a similarity scorer")
-        # No reference model (an unpruned model evaluated alone): it is its own reference.
-        refs = [references[r["id"]] if references is not None else r["task_output"] for r in pending]
+        # No reference model (an unpruned model evaluated alone): it is its own reference. A score made
+        # against another reference (another reference model, or its answers regenerated) is made again.
+        ref_of = {r["id"]: references[r["id"]] if references is not None else r["task_output"] for r in rows}
+        new = {r["id"] for r in pending}
+        pending = [r for r in rows if r["id"] in new or r.get("reference") != ref_of[r["id"]]]
+        refs = [ref_of[r["id"]] for r in pending]
         cands = [r["task_output"] for r in pending]
         metric = similarity.bertscore if task.name == "squad-sim" else similarity.sbert
         for r, ref, value in zip(pending, refs, metric(cands, refs) if pending else []):
@@ -164,17 +176,42 @@ def _multiple_choice(lm: LoadedModel, name: str, out_dir: Path, settings: EvalSe
     return {**s, "kind": "multiple-choice", "accuracy": s["acc"], "working_set_bytes": ws.peak}
 
 
+def model_identity(lm: LoadedModel) -> dict:
+    """What makes a model's outputs: its architecture, its weights and the dtype they run in."""
+    return {"config_hash": config_hash(lm.model.config), "weights": weights_fingerprint(lm.model),
+            "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
+
+
+def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
+    """Everything besides the model that decides a task's records and their scores (a similarity score
+    also depends on its reference answer, stored in the record and rescored when it changes)."""
+    out = {"task": task.name, "max_new_tokens": task.max_new_tokens, "generation_budget": budget,
+           "stop_at_boxed": bool(settings.stop_at_boxed and task.stop)}
+    if task.program is not None:
+        out["sandbox_timeout"] = settings.sandbox_timeout
+    return out
+
+
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
-             references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True) -> dict:
-    """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`."""
+             references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True,
+             identity: dict | None = None) -> dict:
+    """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`.
+
+    `identity` names the model for the resume check (default: `model_identity(lm)`, its weights);
+    a study passes its variant instead. Records made by another model or with other settings are
+    refused (provenance.StaleRecordsError), never reused.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(lm.model.parameters()).device
+    identity = identity or model_identity(lm)
+    spec = str(lm.source.get("spec"))
     summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}
     if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
         summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
     for name in task_names:
-        if task_kind(name) == "multiple-choice":
+        if task_kind(name) == "multiple-choice":  # rescored in full on every run: only the model must match
+            provenance.claim(out_dir, spec, identity, name, {"task": name})
             summary["tasks"][name] = _multiple_choice(lm, name, out_dir, settings, progress)
             continue
         task = get_task(name)
@@ -184,10 +221,12 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         budget = max(task.max_new_tokens, settings.trap_budget)
         start = time.perf_counter()
         path = out_dir / f"{name}.jsonl"
+        task_refs = (references or {}).get(name)
+        made_by = provenance.claim(out_dir, spec, identity, name, task_settings(task, budget, settings))
         generated_before = len(read_records(path))
         with WorkingSet(device) as ws:
-            records = generate_records(lm, task, examples, path, budget, settings, progress)
-        rows = score_records(lm, task, examples, records, settings, (references or {}).get(name), similarity)
+            records = generate_records(lm, task, examples, path, budget, settings, made_by, progress)
+        rows = score_records(lm, task, examples, records, settings, task_refs, similarity)
         write_records(path, rows)
         result = summarise(task, rows)
         result["wall_s_this_run"] = time.perf_counter() - start

@@ -14,9 +14,11 @@ from taskprune.models.load import (
     config_hash,
     load_model,
     resolve_dtype,
+    weights_fingerprint,
 )
 
 __all__ = [
     "ADAPTERS", "MLPAdapter", "UnsupportedArchitectureError", "decoder_layers", "get_adapter",
     "PACKAGED", "LoadedModel", "ModelLoadError", "config_hash", "load_model", "resolve_dtype",
+    "weights_fingerprint",
 ]

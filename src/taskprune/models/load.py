@@ -96,6 +96,22 @@ def config_hash(config: PretrainedConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def weights_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
+    """A hash of every tensor's name, shape, dtype and `samples` evenly spaced values.
+
+    Cheap at any size (it reads a few thousand values per tensor, never a copy of the model) and
+    different for any two models a study makes: pruned widths differ in shape, another seed or
+    scorer keeps other rows, a LoRA merge moves every value of the matrices it touches.
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // samples))  # ceil: the samples span the whole tensor
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def packaged_gguf_parts(name: str) -> list[Path]:
     """Paths of the packaged GGUF parts, or an error saying which package to install."""
     entry = PACKAGED[name]
