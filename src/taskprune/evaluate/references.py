@@ -10,7 +10,7 @@ from pathlib import Path
 
 from taskprune.evaluate.runner import EvalSettings, generate_records
 from taskprune.evaluate.tasks import get_task
-from taskprune.models import config_hash, load_model
+from taskprune.models import config_hash, load_model, weights_fingerprint
 from taskprune.models.load import default_cache_dir
 
 
@@ -37,13 +37,13 @@ def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, 
         if settings.max_new_tokens:
             task = replace(task, max_new_tokens=settings.max_new_tokens)
         examples = task.examples(settings.data_dir, settings.limit)
-        key = json.dumps([spec, config_hash(lm.model.config), str(lm.model.dtype), name, task.max_new_tokens,
-                          [ex.id for ex in examples]])
-        path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "references" / (
-            hashlib.sha256(key.encode()).hexdigest()[:16] + f"-{name}.jsonl")
+        key = json.dumps([spec, config_hash(lm.model.config), weights_fingerprint(lm.model), str(lm.model.dtype),
+                          name, task.max_new_tokens, [ex.id for ex in examples]])
+        made_by = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "references" / f"{made_by}-{name}.jsonl"
         if progress:
             print(f"reference outputs for {name} from {spec}: {path}")
-        records = generate_records(lm, task, examples, path, task.max_new_tokens, ref_settings, progress)
+        records = generate_records(lm, task, examples, path, task.max_new_tokens, ref_settings, made_by, progress)
         out[name] = {i: r["output"] for i, r in records.items()}
     del lm
     return out
