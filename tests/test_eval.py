@@ -179,3 +179,15 @@ def test_weight_bytes_counts_parameters_and_buffers_at_their_dtype():
     m = torch.nn.Linear(4, 3).to(torch.bfloat16)  # 12 + 3 parameters, 2 bytes each
     m.register_buffer("scale", torch.zeros(5, dtype=torch.float32))  # 5 x 4 bytes
     assert weight_bytes(m) == 15 * 2 + 5 * 4
+
+
+def test_reference_outputs_are_cached_by_the_reference_weights(tiny_dir, data_dir, tmp_path):
+    from taskprune.evaluate.references import reference_outputs
+    settings = EvalSettings(limit=2, max_new_tokens=4, data_dir=str(data_dir))
+    first = reference_outputs(str(tiny_dir), ["squad-sim", "gsm8k"], settings, "float32", "cpu", tmp_path, False)
+    (cached,) = (tmp_path / "references").glob("*-squad-sim.jsonl")
+    assert set(first) == {"squad-sim"} and len(first["squad-sim"]) == 2
+    again = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "float32", "cpu", tmp_path, False)
+    assert again == first and list((tmp_path / "references").glob("*.jsonl")) == [cached]
+    half = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "bfloat16", "cpu", tmp_path, False)
+    assert len(half["squad-sim"]) == 2 and len(list((tmp_path / "references").glob("*.jsonl"))) == 2
