@@ -191,3 +191,31 @@ def test_reference_outputs_are_cached_by_the_reference_weights(tiny_dir, data_di
     assert again == first and list((tmp_path / "references").glob("*.jsonl")) == [cached]
     half = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "bfloat16", "cpu", tmp_path, False)
     assert len(half["squad-sim"]) == 2 and len(list((tmp_path / "references").glob("*.jsonl"))) == 2
+
+
+def test_cli_eval_refuses_another_models_directory_and_overwrite_starts_again(tiny_dir, tmp_path, capsys):
+    from taskprune.cli import main
+    other = tmp_path / "other-model"
+    tiny_model("qwen2", seed=1).save_pretrained(other)
+    byte_tokenizer().save_pretrained(other)
+    out = tmp_path / "eval"
+    args = ["eval", "--tasks", "gsm8k", "--limit", "1", "--max-new-tokens", "4", "--trap-budget", "0",
+            "--speed-prompts", "0", "--dtype", "float32", "--out", str(out)]
+    assert main([*args, "--model", str(tiny_dir)]) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    assert main([*args, "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    message = err.strip().splitlines()[-1]  # above it: the model loader's progress bar
+    assert message.startswith("taskprune eval: error: ") and "holds records of model" in message
+    assert "--overwrite" in message and "Traceback" not in err
+    assert _tree(out) == before
+    assert main([*args, "--model", str(other), "--overwrite"]) == 0
+    made_by = json.loads((out / "made_by.json").read_text())
+    assert made_by["model"]["spec"] == str(other) and list(made_by["tasks"]) == ["gsm8k"]
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main([*args, "--model", str(other), "--overwrite", "--out", str(unrelated)]) == 2
+    assert "keep.txt" not in capsys.readouterr().err and (unrelated / "keep.txt").read_text() == "mine"

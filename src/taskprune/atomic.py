@@ -22,7 +22,7 @@ MARKERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "profile": (("profile.json",),),  # taskprune capture
     "checkpoint": (("pruning.json",),),  # taskprune prune
     "recovery": (("recovery.json",),),  # taskprune recover
-    "eval": (("summary.json",),),  # taskprune eval
+    "eval": (("made_by.json",), ("summary.json",)),  # taskprune eval (made_by.json comes first)
     "study": (("config.yaml", "results.sqlite"),),  # taskprune run
 }
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -227,12 +228,15 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from taskprune.atomic import check_replaceable
     from taskprune.evaluate.references import reference_outputs, reference_spec
     from taskprune.evaluate.runner import EvalSettings, evaluate
     from taskprune.evaluate.tasks import task_kind
     from taskprune.models import load_model
     tasks = _split_sets([args.tasks])
     kinds = [task_kind(name) for name in tasks]  # fail on a typo before loading anything
+    if args.overwrite:
+        check_replaceable(args.out, "eval")
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, trap_budget=args.trap_budget,
                             stop_at_boxed=args.stop_at_boxed, sandbox_timeout=args.sandbox_timeout,
                             speed_prompts=args.speed_prompts, data_dir=args.data_dir,
@@ -245,6 +249,8 @@ def cmd_eval(args) -> int:
             references = reference_outputs(ref, tasks, settings, args.dtype, args.device, args.cache_dir)
         similarity = SimilarityScorer(cache_dir=args.cache_dir)
     lm = load_model(args.model, args.dtype, args.device, args.cache_dir)
+    if args.overwrite and args.out.exists():  # only now: a model that fails to load loses nothing
+        shutil.rmtree(args.out)
     summary = evaluate(lm, tasks, args.out, settings, references, similarity)
     r = summary["resources"]
     peak = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB (weights {r['weight_bytes'] / 2**30:.2f} + working set)"
@@ -357,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="items per task: the first N (accuracy tasks) or a seeded draw of N (similarity tasks; "
                         "default 200 for those, all items for the others)")
-    p.add_argument("--out", type=Path, required=True, help="evaluation directory (re-use it to resume)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="evaluation directory (re-use it to resume; records made by another model or with other "
+                        "settings are refused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again: replace --out if it is an evaluation directory taskprune wrote")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="override every task's token budget (defaults: gsm8k 1024, humaneval/mbpp 512, similarity 128)")
