@@ -10,6 +10,7 @@ unrelated directory or a non-empty directory without the marker is refused, with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -63,6 +64,29 @@ def check_replaceable(path: str | Path, kind: str, overwrite: bool = True) -> No
     raise OutputExistsError(f"output {path} is a directory without {marker}{refuse}")
 
 
+def as_os_error(err: BaseException, path: str | Path) -> BaseException:
+    """A safetensors write error that is really the file system's (full, read-only, no permission) as the
+    `OSError` it wraps, so that it is reported like any other; other errors are returned unchanged."""
+    match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+    if type(err).__name__ != "SafetensorError" or match is None:
+        return err
+    return OSError(int(match.group(2)), match.group(1), str(path))
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file` with file system errors as `OSError` and the user's umask."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as err:  # noqa: BLE001 - only safetensors' I/O errors are translated
+        translated = as_os_error(err, path)
+        if translated is err:
+            raise
+        raise translated from None
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -86,11 +110,26 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str | None = Non
             raise OutputExistsError(f"output {path} exists; choose another --out or pass --overwrite")
         if not path.is_dir() or path.is_symlink() or any(path.iterdir()):
             raise OutputExistsError(f"output {path} exists and is not an empty directory; choose another --out")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        yield tmp
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    except OSError as err:  # name the output, not the temporary sibling
+        raise OSError(err.errno, err.strerror, str(path)) from None
+    try:
+        mask = _umask()
+        try:
+            yield tmp
+        except Exception as err:  # noqa: BLE001 - only safetensors' I/O errors are translated
+            translated = as_os_error(err, path)
+            if translated is err:
+                raise
+            raise translated from None
+        for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp write 0600/0700
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~mask)
         if kind is not None:
             check_replaceable(path, kind, overwrite)  # again: it may have appeared meanwhile
         if path.exists():

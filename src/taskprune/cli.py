@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import shutil
@@ -29,6 +30,47 @@ EPILOG = "Models: a hub id, a local HF directory, a .gguf file, or a packaged na
 
 def _split_sets(values: list[str] | None) -> list[str]:
     return [v for value in values or [] for v in value.split(",") if v]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, `taskprune COMMAND: error: ...`, exit code 2 (subcommands inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse type: `kind` (int or float) within the bounds, else a message saying which."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if low is not None and high is not None:
+                if low_open and high_open:
+                    want = f"strictly between {low:g} and {high:g}"
+                else:
+                    want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            elif low is not None:
+                want = f"{'greater than' if low_open else 'at least'} {low:g}"
+            else:
+                want = f"{'less than' if high_open else 'at most'} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, 1)  # n, batch sizes, lengths, steps, limits, epochs
+non_negative_int = _number(int, 0)  # budgets and counts where 0 means "none"
+positive_float = _number(float, 0, low_open=True)  # learning rates, timeouts
+ratio = _number(float, 0, 1, low_open=True, high_open=True)
+probability = _number(float, 0, 1)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -47,22 +89,22 @@ def _add_capture_args(p: argparse.ArgumentParser, required: bool) -> None:
                         "set, e.g. mc:arc-easy) or PATH.jsonl[:FIELD]")
     g.add_argument("--distractor", action="append", required=required,
                    help="distractor data set (repeat, or comma-separate, for several; they are pooled)")
-    g.add_argument("--n", type=int, default=128, help="prompts drawn per data set (default 128; the paper uses 800)")
+    g.add_argument("--n", type=positive_int, default=128, help="prompts drawn per data set (default 128; the paper uses 800)")
     g.add_argument("--data-seed", type=int, default=0, help="seed for drawing prompts (default 0)")
-    g.add_argument("--max-length", type=int, default=512, help="prompts are cut to this many tokens (default 512)")
+    g.add_argument("--max-length", type=positive_int, default=512, help="prompts are cut to this many tokens (default 512)")
     g.add_argument("--template", choices=["chat", "raw"], default="chat",
                    help="feed prompts through the chat template (default) or as raw text")
     g.add_argument("--content", choices=["prompt", "prompt+response"], default="prompt",
                    help="capture over the prompt only (the paper) or prompt plus reference response")
-    g.add_argument("--batch-size", type=int, default=8, help="capture batch size (default 8)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="capture batch size (default 8)")
     g.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
     g = p.add_argument_group("gradient pass (for the taylor, taylor-abs and ig scorers)")
     g.add_argument("--gradients", default="", help="comma-separated: taylor, ig (default none; the one-shot "
                                                    "prune adds what --scorer needs)")
-    g.add_argument("--grad-prompts", type=int, default=None, help="target prompts in the gradient pass (default all --n)")
-    g.add_argument("--grad-batch-size", type=int, default=4, help="default 4")
-    g.add_argument("--ig-steps", type=int, default=20, help="integrated-gradients steps m (default 20)")
-    g.add_argument("--ig-threshold", type=float, default=0.5,
+    g.add_argument("--grad-prompts", type=positive_int, default=None, help="target prompts in the gradient pass (default all --n)")
+    g.add_argument("--grad-batch-size", type=positive_int, default=4, help="default 4")
+    g.add_argument("--ig-steps", type=positive_int, default=20, help="integrated-gradients steps m (default 20)")
+    g.add_argument("--ig-threshold", type=probability, default=0.5,
                    help="IG uses positions whose greedy next token has at least this probability (default 0.5)")
     g.add_argument("--ig-positions", choices=["all", "answer"], default="all",
                    help="IG over all positions or from the last prompt token on (default all)")
@@ -94,10 +136,11 @@ def cmd_capture(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from safetensors.torch import save_file
-
+    from taskprune.atomic import OutputExistsError, save_tensors
     from taskprune.profile import load_profile
     from taskprune.scoring import score
+    if args.out is not None and args.out.is_dir():
+        raise OutputExistsError(f"--out {args.out} is a directory; give a .safetensors file name")
     profile = load_profile(args.profile)
     options = {}
     if args.model:
@@ -112,8 +155,8 @@ def cmd_score(args) -> int:
     for i, row in enumerate(scores):
         print(f"{i:5d}  {int((row > 0).sum()):13d}  {int((row < 0).sum()):13d}  {row.min():7.3g}  {row.max():7.3g}")
     if args.out:
-        save_file({"scores": scores.contiguous()}, args.out,
-                  metadata={"scorer": args.scorer, "profile": str(args.profile)})
+        save_tensors({"scores": scores.contiguous()}, args.out,
+                     metadata={"scorer": args.scorer, "profile": str(args.profile)})
         print(f"scores written to {args.out}")
     return 0
 
@@ -175,13 +218,13 @@ def cmd_info(args) -> int:
         profile = load_profile(path)
         m, c = profile.meta["model"], profile.meta["capture"]
         print(f"profile {path} (hash {profile_hash(path)}, format {profile.meta['format_version']})")
-        print(f"  model {m['spec']} ({m['model_type']}, revision {m['revision']}, config hash {m['config_hash']}), "
-              f"{m['num_layers']} layers x d_ff {m['d_ff']}")
-        print(f"  capture: template {c['template']}, content {c['content']}, max length {c['max_length']}, "
-              f"dtype {c['dtype']}, seed {c['seed']}")
+        print(f"  model {m.get('spec')} ({m.get('model_type')}, revision {m.get('revision')}, config hash "
+              f"{m['config_hash']}), {m['num_layers']} layers x d_ff {m['d_ff']}")
+        print(f"  capture: template {c.get('template')}, content {c.get('content')}, max length "
+              f"{c.get('max_length')}, dtype {c.get('dtype')}, seed {c.get('seed')}")
         for s in profile.meta["sets"]:
             st = profile.stats[s["name"]]
-            print(f"  {s['role']:10s} {s['name']}: {st.n} prompts of {s['available']}, {st.tokens} tokens, "
+            print(f"  {s['role']:10s} {s['name']}: {st.n} prompts of {s.get('available')}, {st.tokens} tokens, "
                   f"{st.truncated} truncated")
         if profile.distractors:
             sel = score("selectivity", profile)
@@ -189,26 +232,44 @@ def cmd_info(args) -> int:
                   f"distractor-leaning neurons in all")
         return 0
     if (path / "pruning.json").is_file():
-        rec = json.loads((path / "pruning.json").read_text())
-        p = rec["plan"]
-        print(f"pruned checkpoint {path}")
-        print(f"  source {rec['source_model']['spec']} ({rec['source_model']['kind']}, revision "
-              f"{rec['source_model']['revision']})")
-        print(f"  strategy {p['strategy']}, scorer {rec['scorer']}, seed {p['seed']}, ratio {p['ratio_nominal']} "
-              f"nominal / {p['ratio_exact']:.4f} exact, align {p['align']}")
-        print(f"  d_ff {p['d_ff']} -> {p['kept_width']} in {len(p['keep'])} layers")
-        print(f"  parameters {rec['parameters']['before']:,} -> {rec['parameters']['after']:,}")
-        if rec.get("profile"):
-            pr = rec["profile"]
-            print(f"  profile {pr['path']} (hash {pr['hash']}): target {pr['target']}, "
-                  f"distractors {', '.join(pr['distractors'])}")
+        rec = _read_json(path / "pruning.json")
+        try:
+            print("\n".join(_pruned_lines(path, rec)))
+        except (KeyError, TypeError, ValueError) as err:  # a record edited or written by something else
+            raise ValueError(f"{path / 'pruning.json'} is not the record taskprune writes ({type(err).__name__}: "
+                             f"{err}); prune the checkpoint again") from None
         return 0
     if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = _read_json(path / "config.json")
         print(f"unpruned checkpoint {path}: {cfg.get('model_type')}, d_ff {cfg.get('intermediate_size')}, "
               f"{cfg.get('num_hidden_layers')} layers")
         return 0
     raise FileNotFoundError(f"{path} is neither a profile (profile.json) nor a checkpoint (config.json)")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({getattr(err, 'msg', err)}); it is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} does not hold a JSON object; it is damaged")
+    return data
+
+
+def _pruned_lines(path: Path, rec: dict) -> list[str]:
+    p, src = rec["plan"], rec["source_model"]
+    lines = [f"pruned checkpoint {path}",
+             f"  source {src['spec']} ({src['kind']}, revision {src['revision']})",
+             f"  strategy {p['strategy']}, scorer {rec['scorer']}, seed {p['seed']}, ratio {p['ratio_nominal']} "
+             f"nominal / {p['ratio_exact']:.4f} exact, align {p['align']}",
+             f"  d_ff {p['d_ff']} -> {p['kept_width']} in {len(p['keep'])} layers",
+             f"  parameters {rec['parameters']['before']:,} -> {rec['parameters']['after']:,}"]
+    if rec.get("profile"):
+        pr = rec["profile"]
+        lines.append(f"  profile {pr['path']} (hash {pr['hash']}): target {pr['target']}, "
+                     f"distractors {', '.join(pr['distractors'])}")
+    return lines
 
 
 def cmd_generate(args) -> int:
@@ -299,7 +360,7 @@ def cmd_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="taskprune", description="Task-specific structured pruning of LLM MLP neurons (arXiv 2604.27115).",
         epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"taskprune {__version__}")
@@ -343,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"default {DEFAULT_SCORER}; selectivity is the paper's; see docs/scorers.md for all")
     p.add_argument("--strategy", default="selective", choices=["selective", "reverse", "random"],
                    help="selective: lowest scores go (default); reverse: highest go; random: seeded draw")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of d_ff to remove per layer, in (0, 1)")
-    p.add_argument("--align", type=int, default=128, help="kept width is a multiple of this (default 128)")
+    p.add_argument("--ratio", type=ratio, required=True, help="fraction of d_ff to remove per layer, in (0, 1)")
+    p.add_argument("--align", type=positive_int, default=128, help="kept width is a multiple of this (default 128)")
     p.add_argument("--seed", type=int, default=42, help="seed for --strategy random (default 42; the paper uses 42 and 33)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -396,17 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="training data instead of the preset's: gsm8k, mbpp, "
                                                 "codefeedback (Hub) or a .jsonl/.json with prompt and response fields")
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
-    p.add_argument("--max-examples", type=int, default=None, help="cap the training examples")
-    p.add_argument("--epochs", type=int, default=None, help="default: the preset's (2)")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--r", type=int, default=None, help="LoRA rank")
-    p.add_argument("--alpha", type=int, default=None, help="LoRA alpha")
-    p.add_argument("--effective-batch-size", type=int, default=None)
-    p.add_argument("--micro-batch-size", type=int, default=None, help="default 2 (gradient accumulation fills the rest)")
-    p.add_argument("--max-length", type=int, default=None, help="longer examples are dropped (default 512)")
+    p.add_argument("--max-examples", type=positive_int, default=None, help="cap the training examples")
+    p.add_argument("--epochs", type=positive_int, default=None, help="default: the preset's (2)")
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--r", type=positive_int, default=None, help="LoRA rank")
+    p.add_argument("--alpha", type=positive_int, default=None, help="LoRA alpha")
+    p.add_argument("--effective-batch-size", type=positive_int, default=None)
+    p.add_argument("--micro-batch-size", type=positive_int, default=None, help="default 2 (gradient accumulation fills the rest)")
+    p.add_argument("--max-length", type=_number(int, 2), default=None,
+                   help="longer examples are dropped (default 512; at least 2)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N optimizer steps (default 50)")
+    p.add_argument("--save-every", type=non_negative_int, default=None, help="checkpoint every N optimizer steps (default 50; 0: only at epoch ends)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_recover)
@@ -436,25 +498,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy generation from a model or checkpoint (a quick look)")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="user message (sent through the chat template if there is one)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
     p.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error (already reported on one line)
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     from taskprune.config import ConfigError
     from taskprune.data import DataError
     from taskprune.models import ModelLoadError, UnsupportedArchitectureError
     from taskprune.plan import PlanError
     from taskprune.profile import ProfileError
     from taskprune.recover import RecoveryError
+    from taskprune.results import ResultsError
     try:
         return args.func(args)
     except (ConfigError, RecoveryError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
-            FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"taskprune {args.command}: error: {err}", file=sys.stderr)
-        return 2
+            ResultsError, ValueError) as err:
+        message = _one_line(str(err))
+    except OSError as err:  # the file system said no (read-only, full, permission, missing), named with its path
+        message = _os_message(err)
+    print(f"taskprune {args.command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+_OS_FIX = {errno.EROFS: "write somewhere else (--out)",
+           errno.ENOSPC: "free some space or write somewhere else (--out)",
+           errno.EDQUOT: "free some space or write somewhere else (--out)",
+           errno.EACCES: "write somewhere you may (--out) or fix the permissions",
+           errno.EPERM: "write somewhere you may (--out) or fix the permissions",
+           errno.ENOENT: "check the path",
+           errno.ENOTDIR: "a part of the path is a file; check the path",
+           errno.EISDIR: "give a file name"}
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines) or "failed"
+
+
+def _os_message(err: OSError) -> str:
+    """`PATH: what the system said; what to do` for an OSError with an errno, else its own message."""
+    if err.errno is None or err.strerror is None:
+        return _one_line(str(err))
+    where = err.filename if err.filename is not None else "output"
+    if err.filename2 is not None:
+        where = f"{where} -> {err.filename2}"
+    fix = _OS_FIX.get(err.errno)
+    return f"{where}: {err.strerror}" + (f" ({fix})" if fix else "")
 
 
 if __name__ == "__main__":

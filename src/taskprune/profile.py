@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from taskprune.atomic import atomic_dir
@@ -91,6 +92,50 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
     return Path(path)
 
 
+_JSON_KIND = {dict: "an object", list: "a list", int: "an integer", str: "a string"}
+
+
+def _check_meta(meta, meta_file: Path) -> None:
+    """Refuse a profile.json that this taskprune did not write (or that was edited): every field read later."""
+    again = "capture the profile again (taskprune capture)"
+
+    def need(obj, key: str, kind, where: str):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProfileError(f"{meta_file}: {where}{key} is missing or not {_JSON_KIND[kind]}; {again}")
+        return value
+
+    if not isinstance(meta, dict):
+        raise ProfileError(f"{meta_file} does not hold a JSON object; {again}")
+    model = need(meta, "model", dict, "")
+    for key in ("num_layers", "d_ff"):
+        if need(model, key, int, "model.") < 1:
+            raise ProfileError(f"{meta_file}: model.{key} must be positive; {again}")
+    need(model, "config_hash", str, "model.")
+    need(meta, "capture", dict, "")
+    sets = need(meta, "sets", list, "")
+    counts = need(meta, "counts", dict, "")
+    for i, entry in enumerate(sets):
+        name = need(entry, "name", str, f"sets[{i}].")
+        if need(entry, "role", str, f"sets[{i}].") not in ("target", "distractor"):
+            raise ProfileError(f"{meta_file}: sets[{i}].role must be target or distractor; {again}")
+        for key in ("n", "tokens", "truncated"):
+            need(counts.get(name), key, int, f"counts.{name}.")
+    if [e["role"] for e in sets].count("target") != 1:
+        raise ProfileError(f"{meta_file}: needs exactly one target set; {again}")
+    if set(counts) != {e["name"] for e in sets}:
+        raise ProfileError(f"{meta_file}: counts and sets name different data sets; {again}")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise ProfileError(f"{file} is missing; capture the profile again (taskprune capture)") from None
+    except (SafetensorError, OSError) as err:
+        raise ProfileError(f"{file} is damaged ({err}); capture the profile again (taskprune capture)") from None
+
+
 def load_profile(path: Path) -> Profile:
     path = Path(path)
     meta_file = path / "profile.json"
@@ -98,15 +143,27 @@ def load_profile(path: Path) -> Profile:
         raise ProfileError(f"{path} is not a profile directory (no profile.json); make one with taskprune capture")
     try:
         meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ProfileError(f"{meta_file} is not valid JSON ({err.msg}); capture the profile again") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ProfileError(f"{path} has profile format {meta.get('format_version')}, this taskprune reads "
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProfileError(f"{meta_file} is not valid JSON ({getattr(err, 'msg', err)}); capture the profile again") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ProfileError(f"{path} has profile format {version}, this taskprune reads "
                            f"{FORMAT_VERSION}; capture it again")
-    tensors = load_file(path / "stats.safetensors")
-    per_prompt = load_file(path / "per_prompt.safetensors") if (path / "per_prompt.safetensors").is_file() else {}
+    _check_meta(meta, meta_file)
+    tensors = _read_tensors(path / "stats.safetensors")
+    per_prompt = _read_tensors(path / "per_prompt.safetensors") if (path / "per_prompt.safetensors").is_file() else {}
+    shape = (meta["model"]["num_layers"], meta["model"]["d_ff"])
     stats = {}
     for name, c in meta["counts"].items():
+        for k in _TENSORS:
+            t = tensors.get(f"{name}/{k}")
+            if t is None or tuple(t.shape) != shape:
+                found = "missing" if t is None else f"of shape {tuple(t.shape)}"
+                raise ProfileError(f"{path / 'stats.safetensors'}: {name}/{k} is {found}, profile.json says "
+                                   f"{shape[0]} layers x d_ff {shape[1]}; capture the profile again")
+        if name in per_prompt and tuple(per_prompt[name].shape) != (c["n"], *shape):
+            raise ProfileError(f"{path / 'per_prompt.safetensors'}: {name} has shape {tuple(per_prompt[name].shape)}, "
+                               f"expected {(c['n'], *shape)}; capture the profile again")
         prefix = f"{name}/{_EXTRA}/"
         extra = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         stats[name] = SetStats(n=c["n"], tokens=c["tokens"], truncated=c["truncated"],

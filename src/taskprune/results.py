@@ -8,7 +8,8 @@ finishes with no row lost or duplicated.
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -67,14 +68,37 @@ class ResultRow:
 COLUMNS = [f.name for f in fields(ResultRow)]
 
 
+class ResultsError(RuntimeError):
+    """A `results.sqlite` that cannot be read or written; the message names the file and the fix."""
+
+
+@contextmanager
+def results_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.DatabaseError as err:  # includes OperationalError (locked, read-only, cannot open)
+        text = str(err)
+        if "not a database" in text or "malformed" in text:
+            fix = "it is damaged or not a taskprune results file; move it away, or use another --out"
+        elif "readonly" in text or "unable to open" in text:
+            fix = "it cannot be written here; check the permissions and free space, or use another --out"
+        else:
+            fix = "check the file, or use another --out"
+        raise ResultsError(f"{path}: {text} ({fix})") from None
+
+
 class ResultStore:
     """A study's `results.sqlite`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as con, con:
+        with results_errors(self.path), closing(self._connect()) as con, con:
             con.executescript(SCHEMA)
+            missing = set(COLUMNS) - {row[1] for row in con.execute("PRAGMA table_info(results)")}
+            if missing:
+                raise ResultsError(f"{self.path}: its results table lacks {', '.join(sorted(missing))} (made by "
+                                   f"another version?); move it away, or use another --out")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=30)
@@ -85,7 +109,7 @@ class ResultStore:
         """Store one variant x task row and its items atomically (replacing any earlier copy)."""
         values = asdict(row)
         values["recovered"] = int(row.recovered)
-        with closing(self._connect()) as con, con:
+        with results_errors(self.path), closing(self._connect()) as con, con:
             con.execute(f"INSERT OR REPLACE INTO results ({', '.join(COLUMNS)}) "
                         f"VALUES ({', '.join('?' for _ in COLUMNS)})", [values[c] for c in COLUMNS])
             con.execute("DELETE FROM items WHERE variant = ? AND task = ?", (row.variant, row.task))
@@ -94,18 +118,18 @@ class ResultStore:
                               it.get("trap_type")) for it in items or []])
 
     def has(self, variant: str, task: str) -> bool:
-        with closing(self._connect()) as con:
+        with results_errors(self.path), closing(self._connect()) as con:
             return con.execute("SELECT 1 FROM results WHERE variant = ? AND task = ?", (variant, task)).fetchone() is not None
 
     def rows(self) -> list[dict]:
-        with closing(self._connect()) as con:
+        with results_errors(self.path), closing(self._connect()) as con:
             con.row_factory = sqlite3.Row
             return [dict(r) for r in con.execute("SELECT * FROM results ORDER BY task, strategy, ratio_nominal, seed")]
 
     def items(self, task: str) -> dict[str, dict[str, float]]:
         """`{variant: {item_id: score}}` for one task (for paired comparisons)."""
         out: dict[str, dict[str, float]] = {}
-        with closing(self._connect()) as con:
+        with results_errors(self.path), closing(self._connect()) as con:
             for variant, item, score in con.execute(
                     "SELECT variant, item_id, score FROM items WHERE task = ?", (task,)):
                 out.setdefault(variant, {})[item] = score

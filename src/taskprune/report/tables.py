@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from taskprune.results import results_errors
+
 BASELINE = "none"
 STRATEGY_ORDER = ("selective", "reverse", "random")
 TASK_ORDER = ("humaneval", "mbpp", "gsm8k", "squad-sim", "dialogue-sim")
@@ -58,7 +60,7 @@ def load_rows(db: Path) -> tuple[list[dict], dict[str, dict[str, dict[str, float
     """`results` rows in insertion order and `items` as ``{task: {variant: {item_id: score}}}``."""
     if not Path(db).is_file():
         raise FileNotFoundError(f"no results database at {db}")
-    with closing(sqlite3.connect(db, timeout=30)) as con:
+    with results_errors(Path(db)), closing(sqlite3.connect(db, timeout=30)) as con:
         con.row_factory = sqlite3.Row
         rows = [dict(r) for r in con.execute("SELECT * FROM results ORDER BY rowid")]
         items: dict[str, dict[str, dict[str, float]]] = {}
