@@ -95,9 +95,9 @@ def test_task_subset_first_then_the_rest(tiny_dir, tmp_path):
 
 
 def test_changed_config_needs_new_directory(tiny_dir, tmp_path):
-    sweep.Study(load_config(_config(tmp_path, tiny_dir)), tmp_path / "run", progress=False)
+    sweep.Study(load_config(_config(tmp_path, tiny_dir)), tmp_path / "run", progress=False).start()
     with pytest.raises(ValueError, match="another config"):
-        sweep.Study(load_config(_config(tmp_path, tiny_dir, ratios=[0.1])), tmp_path / "run", progress=False)
+        sweep.Study(load_config(_config(tmp_path, tiny_dir, ratios=[0.1, 0.25])), tmp_path / "run", progress=False)
 
 
 def test_bad_configs(tmp_path, tiny_dir):

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import yaml
 
-from taskprune.config import StudyConfig, to_dict
+from taskprune.atomic import OutputExistsError
+from taskprune.config import StudyConfig, check_model_fits, to_dict
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
 from taskprune.evaluate.tasks import task_kind
 from taskprune.models import LoadedModel, config_hash, load_model
+from taskprune.models.load import model_d_ff
 from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profile
 from taskprune.profile import load_profile, save_profile
-from taskprune.results import ResultRow, ResultStore
+from taskprune.results import ResultRow, ResultsError, ResultStore
 from taskprune.scoring import score
 from taskprune.surgery import parameter_count, prune_model, save_pruned
 
@@ -71,18 +73,50 @@ class Study:
                              f"({', '.join(cfg.evaluation.tasks)}); a run can only do a subset of them")
         # This invocation's tasks (a subset run now, the rest by a later run); the config's order is kept.
         self.tasks = tuple(t for t in cfg.evaluation.tasks if tasks is None or t in tasks)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        saved = self.dir / "config.yaml"
-        if saved.is_file():
-            previous = yaml.safe_load(saved.read_text())
-            if previous.get("_hash") != cfg.hash():
-                raise ValueError(f"{self.dir} holds a study made with another config; use another --out "
-                                 f"(or delete {self.dir}) to start this one")
-        else:
-            saved.write_text(yaml.safe_dump({**to_dict(cfg), "_hash": cfg.hash()}, sort_keys=False))
-        self.store = ResultStore(self.dir / "results.sqlite")
+        self.resuming = self._check_dir()
+        d_ff = model_d_ff(cfg.model)  # no weights loaded; None where only loading the model can tell
+        if d_ff is not None:
+            check_model_fits(cfg, d_ff)
+        self.store: ResultStore | None = None
         self.eval_key = _eval_key(cfg)
         self.similarity = None
+
+    def _check_dir(self) -> bool:
+        """Whether the study directory holds this study already (a resumption); nothing is written.
+
+        A missing or empty directory starts a new study; one holding a study with another config, or
+        anything that is not a study, is refused.
+        """
+        if not self.dir.exists():
+            return False
+        if not self.dir.is_dir():
+            raise OutputExistsError(f"study directory {self.dir} is a file; use another --out")
+        saved = self.dir / "config.yaml"
+        if not saved.is_file():
+            if any(self.dir.iterdir()):
+                raise OutputExistsError(f"{self.dir} is not empty and holds no study (no config.yaml); use another "
+                                        f"--out, or an empty or new directory")
+            return False
+        try:
+            previous = yaml.safe_load(saved.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{saved} is damaged (not the YAML taskprune wrote); use another --out")
+        if previous.get("_hash") != self.cfg.hash():
+            raise ValueError(f"{self.dir} holds a study made with another config; use another --out "
+                             f"(or delete {self.dir}) to start this one")
+        return True
+
+    def start(self) -> None:
+        """Create the study directory, its config.yaml and results.sqlite (or open them, resuming)."""
+        if self.store is not None:
+            return
+        if not self.resuming:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            saved = self.dir / "config.yaml"
+            saved.write_text(yaml.safe_dump({**to_dict(self.cfg), "_hash": self.cfg.hash()}, sort_keys=False))
+        self.store = ResultStore(self.dir / "results.sqlite")
 
     def log(self, msg: str) -> None:
         if self.progress:
@@ -198,6 +232,38 @@ class Study:
     def run(self) -> Path:
         cfg = self.cfg
         lm = load_model(cfg.model, cfg.dtype)
+        mlps = lm.adapter.mlps(lm.model)
+        check_model_fits(cfg, lm.adapter.down_proj(mlps[0]).in_features)  # before anything is written
+        existed = self.dir.exists()
+        try:
+            self.start()
+            return self._run(lm)
+        except Exception:
+            # A start that fails on its input (a data set, the first evaluation, a full disk) before any
+            # result is stored leaves nothing behind, so the corrected config starts afresh; an interrupt
+            # (KeyboardInterrupt) or a failure after the first stored row keeps the study for resumption.
+            if not self.resuming and not self._has_rows():
+                self._remove(existed)
+            raise
+
+    def _has_rows(self) -> bool:
+        try:
+            return self.store is not None and bool(self.store.rows())
+        except (ResultsError, OSError):  # an unreadable new store holds no result worth keeping
+            return False
+
+    def _remove(self, keep_dir: bool) -> None:
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.dir.is_dir():
+            for child in self.dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    def _run(self, lm: LoadedModel) -> Path:
+        cfg = self.cfg
         profile = self.profile(lm)
         if cfg.baseline or any(task_kind(t) == "similarity" for t in self.tasks):
             self.log("== baseline (unpruned)")
