@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_model_args(p)
     p.add_argument("--tasks", default="gsm8k", help="comma-separated tasks (default gsm8k)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="items per task: the first N (accuracy tasks) or a seeded draw of N (similarity tasks; "
                         "default 200 for those, all items for the others)")
     p.add_argument("--out", type=Path, required=True,
@@ -429,10 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "settings are refused)")
     p.add_argument("--overwrite", action="store_true",
                    help="start again: replace --out if it is an evaluation directory taskprune wrote")
-    p.add_argument("--batch-size", type=int, default=8, help="generation batch size (default 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="generation batch size (default 8)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
                    help="override every task's token budget (defaults: gsm8k 1024, humaneval/mbpp 512, similarity 128)")
-    p.add_argument("--trap-budget", type=int, default=1024,
+    p.add_argument("--trap-budget", type=non_negative_int, default=1024,
                    help="generate up to this many tokens to detect outputs that never end (default 1024; "
                         "scores use each task's own budget; 0 = task budget only)")
     p.add_argument("--stop-at-boxed", action="store_true",
@@ -440,8 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model", default=None,
                    help="unpruned model for the similarity tasks (default: the source in pruning.json, "
                         "or the model itself when it is unpruned)")
-    p.add_argument("--sandbox-timeout", type=float, default=3.0, help="seconds per program (default 3)")
-    p.add_argument("--speed-prompts", type=int, default=3, help="prompts for the batch-1 tokens/s figure (0: skip)")
+    p.add_argument("--sandbox-timeout", type=positive_float, default=3.0, help="seconds per program (default 3)")
+    p.add_argument("--speed-prompts", type=non_negative_int, default=3, help="prompts for the batch-1 tokens/s figure (0: skip)")
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
     p.set_defaults(func=cmd_eval)
 
