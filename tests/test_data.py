@@ -86,3 +86,13 @@ def test_mc_set_as_capture_examples(tmp_path):
         load_examples("mc:arc-easy:nope", tmp_path)
     with pytest.raises(DataError, match="unknown multiple-choice set"):
         load_examples("mc:nosuchset", tmp_path)
+
+
+def test_named_split_of_a_registry_set(data_dir):
+    non_test = load_examples("mbpp:non-test", data_dir)
+    ids = {int(ex.id.split("/")[1]) for ex in non_test}
+    assert len(non_test) == 474 and ids == set(range(1, 11)) | set(range(511, 975))
+    assert not ids & {int(ex.id.split("/")[1]) for ex in load_examples("mbpp:test", data_dir)}
+    assert [ex.id for ex in load_examples("mbpp", data_dir)] == [ex.id for ex in load_examples("mbpp:train", data_dir)]
+    with pytest.raises(DataError, match="mbpp has splits"):
+        load_examples("mbpp:tset", data_dir)

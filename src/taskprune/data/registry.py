@@ -110,8 +110,10 @@ def load_squad(data_dir: Path | None, split: str) -> list[Example]:
     return [Example(f"squad/{r['id']}", f"{r['context']}\n\nQuestion: {r['question']}", r["answer"]) for r in rows]
 
 
-# MBPP's standard split by task id (Austin et al., 2021): prompt 1-10, test 11-510, validation 511-600, train 601-974.
-MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974), "all": (1, 974)}
+# MBPP's standard split by task id (Austin et al., 2021): prompt 1-10, test 11-510, validation 511-600, train 601-974;
+# "non-test" is every task a test-split evaluation never sees (474).
+MBPP_SPLITS = {"prompt": ((1, 10),), "test": ((11, 510),), "validation": ((511, 600),), "train": ((601, 974),),
+               "non-test": ((1, 10), (511, 974)), "all": ((1, 974),)}
 
 
 def load_mbpp(data_dir: Path | None, split: str) -> list[Example]:
@@ -119,11 +121,11 @@ def load_mbpp(data_dir: Path | None, split: str) -> list[Example]:
         raise DataError(f"mbpp has splits {', '.join(MBPP_SPLITS)}, not {split!r}")
     path = _local(data_dir, "mbpp/mbpp.jsonl")
     rows = read_jsonl(path) if path else list(_hub("google-research-datasets/mbpp", "full", "train+validation+test+prompt", "mbpp/mbpp.jsonl"))
-    lo, hi = MBPP_SPLITS[split]
+    ranges = MBPP_SPLITS[split]
     return [
         Example(f"mbpp/{r['task_id']}", r["text"], r["code"],
                 {"test_list": r["test_list"], "test_setup_code": r.get("test_setup_code", "")})
-        for r in sorted(rows, key=lambda r: r["task_id"]) if lo <= r["task_id"] <= hi
+        for r in sorted(rows, key=lambda r: r["task_id"]) if any(lo <= r["task_id"] <= hi for lo, hi in ranges)
     ]
 
 
@@ -197,13 +199,14 @@ def load_file(path: Path, text_field: str, response_field: str | None = None) ->
 
 
 def load_examples(spec: str, data_dir: str | Path | None = None, split: str | None = None) -> list[Example]:
-    """Every example of a data set given by registry name, `mc:SET[:SPLIT]` (a multiple-choice set) or
-    `PATH[:TEXT_FIELD]` (default field `text`)."""
+    """Every example of a data set given by registry name, `NAME:SPLIT` (e.g. `mbpp:non-test`),
+    `mc:SET[:SPLIT]` (a multiple-choice set) or `PATH[:TEXT_FIELD]` (default field `text`)."""
     if spec.startswith("mc:"):
         return load_mc_examples(spec, data_dir, split)
-    if spec in DATASETS:
-        loader, default_split = DATASETS[spec]
-        examples = loader(data_dir_from(data_dir), split or default_split)
+    name, _, named_split = spec.partition(":")
+    if name in DATASETS:
+        loader, default_split = DATASETS[name]
+        examples = loader(data_dir_from(data_dir), named_split or split or default_split)
     else:
         path, _, text_field = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
         path = Path(path)
