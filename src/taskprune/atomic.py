@@ -9,6 +9,7 @@ unrelated directory or a non-empty directory without the marker is refused, with
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -38,13 +39,14 @@ class OutputExistsError(FileExistsError):
 def check_replaceable(path: str | Path, kind: str, overwrite: bool = True) -> None:
     """Raise `OutputExistsError` unless writing a `kind` output to `path` loses nothing it should not.
 
-    A missing path is always fine. An existing one needs `overwrite`, and then must be an empty
-    directory or a directory holding `kind`'s markers (`MARKERS[kind]`): what taskprune wrote there.
+    A missing path is fine. An existing one needs `overwrite`, and then must be an empty directory or
+    a directory holding `kind`'s markers (`MARKERS[kind]`): what taskprune wrote there. Either way the
+    place must be writable (`check_writable`: `OSError` on a read-only file system, say).
     """
     path = Path(path)
     groups = MARKERS[kind]
     if not path.exists() and not path.is_symlink():
-        return
+        return check_writable(path)
     if not overwrite:
         raise OutputExistsError(f"output {path} exists; choose another --out or pass --overwrite")
     marker = " + ".join(groups[0])
@@ -56,12 +58,27 @@ def check_replaceable(path: str | Path, kind: str, overwrite: bool = True) -> No
         raise OutputExistsError(f"output {path} is a file, not a directory{refuse}")
     try:
         if not any(path.iterdir()):
-            return
+            return check_writable(path)
     except OSError as err:
         raise OutputExistsError(f"output {path} cannot be read ({err.strerror}){refuse}") from None
     if any(all((path / name).is_file() for name in group) for group in groups):
-        return
+        return check_writable(path)
     raise OutputExistsError(f"output {path} is a directory without {marker}{refuse}")
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise the `OSError` that writing `path` would (read-only file system, no permission, a file in
+    the way) before any work is done; nothing is written. A full disk is only found when writing."""
+    path = Path(path).absolute()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+    if os.statvfs(parent).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
 def as_os_error(err: BaseException, path: str | Path) -> BaseException:

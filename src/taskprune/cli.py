@@ -375,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-per-prompt", action="store_true",
                    help="also store the [prompts x layers x d_ff] matrix of prompt means (large)")
     p.add_argument("--out", type=Path, required=True, help="profile directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a profile (has profile.json) or empty; anything else is refused")
     p.set_defaults(func=cmd_capture)
 
     from taskprune.scoring import DEFAULT_SCORER, SCORERS
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=positive_int, default=128, help="kept width is a multiple of this (default 128)")
     p.add_argument("--seed", type=int, default=42, help="seed for --strategy random (default 42; the paper uses 42 and 33)")
     p.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a pruned checkpoint (has pruning.json) or empty; anything else is refused")
     p.set_defaults(func=cmd_prune)
 
     from taskprune.evaluate.tasks import TASKS
@@ -469,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-every", type=non_negative_int, default=None, help="checkpoint every N optimizer steps (default 50; 0: only at epoch ends)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a recovered checkpoint (has recovery.json) or empty; anything else "
+                        "is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_recover)
 
@@ -477,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture once, then prune, (recover,) and evaluate every cell of the config; "
                                    "one SQLite row per variant x task. Kill it and run it again to continue.")
     p.add_argument("config", type=Path, help="study config, e.g. configs/demo.yaml")
-    p.add_argument("--out", type=Path, default=None, help="study directory (default runs/<config name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="study directory: new, empty, or this study's to resume (default runs/<config name>)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep pruned/recovered checkpoints on disk")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
     p.add_argument("--tasks", action="append", default=None,

@@ -66,6 +66,7 @@ class EvalConfig:
     trap_budget: int = rule(1024, min=0)
     max_new_tokens: int | None = rule(None, min=1)
     stop_at_boxed: bool = False
+    require_isolation: bool = True  # generated code runs only with every kernel sandbox layer in effect
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def _convert(value, hint, where: str):
         if not isinstance(value, (list, tuple)):
             hint_text = f" (write [{value}])" if isinstance(value, (int, float, str)) else ""
             raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}{hint_text}")
-        return tuple(_convert(v, args[0], where) for v in value)
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     elif origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
@@ -153,8 +154,13 @@ def _check(value, checks: dict, where: str) -> None:
         return
     if checks.get("nonempty") and not value:
         raise ConfigError(f"{where} is empty; give at least one")
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
-    for v in items:
+    if isinstance(value, dict):
+        items = [(f"{where}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, tuple):
+        items = [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(where, value)]
+    for where, v in items:
         if "choices" in checks and v not in checks["choices"]:
             raise ConfigError(f"{where}: unknown {v!r}; use {', '.join(checks['choices'])}")
         if "min" in checks and v < checks["min"]:

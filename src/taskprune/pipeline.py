@@ -46,6 +46,11 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         raise ValueError("give at least one distractor data set")
     if target in distractors:
         raise ValueError(f"{target!r} is both the target and a distractor")
+    for key in ("n", "max_length", "batch_size", "grad_batch_size", "ig_steps"):
+        if getattr(settings, key) < 1:
+            raise ValueError(f"capture setting {key} must be at least 1, got {getattr(settings, key)}")
+    if settings.grad_prompts is not None and settings.grad_prompts < 1:
+        raise ValueError(f"capture setting grad_prompts must be at least 1, got {settings.grad_prompts}")
     if settings.gradients:
         check_settings(settings.gradients, settings.ig_steps, settings.ig_positions)
     sets, stats, grad_meta = [], {}, None

