@@ -2,6 +2,7 @@
 
 import copy
 import json
+import sys
 from dataclasses import replace
 
 import pytest
@@ -219,3 +220,24 @@ def test_cli_eval_refuses_another_models_directory_and_overwrite_starts_again(ti
     capsys.readouterr()
     assert main([*args, "--model", str(other), "--overwrite", "--out", str(unrelated)]) == 2
     assert "keep.txt" not in capsys.readouterr().err and (unrelated / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the sandbox's kernel layers are Linux namespaces")
+def test_code_tasks_record_the_sandbox_layers_and_stop_early_without_them(tiny_dir, tmp_path, capsys, monkeypatch):
+    from taskprune.cli import main
+    from taskprune.evaluate import runner
+    from taskprune.evaluate.sandbox import REQUIRED_LAYERS, SandboxUnavailable
+    args = ["eval", "--model", str(tiny_dir), "--tasks", "humaneval", "--limit", "1", "--max-new-tokens", "4",
+            "--trap-budget", "0", "--speed-prompts", "0", "--dtype", "float32"]
+    assert main([*args, "--out", str(tmp_path / "ok")]) == 0
+    layers = json.loads((tmp_path / "ok" / "summary.json").read_text())["sandbox_isolation"]
+    assert layers["missing"] == [] and {"read-only-fs", "pid-ns", "net-ns", "death-signal"} <= set(layers["layers"])
+    assert len(REQUIRED_LAYERS) == 5
+
+    def unavailable(required):
+        raise SandboxUnavailable("taskprune sandbox: required isolation layers are missing: pid-ns")
+    monkeypatch.setattr(runner, "check_isolation", unavailable)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "refused")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("missing: pid-ns")
+    assert not list((tmp_path / "refused").glob("*.jsonl"))  # refused before any generation

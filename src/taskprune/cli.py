@@ -300,6 +300,7 @@ def cmd_eval(args) -> int:
         check_replaceable(args.out, "eval")
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, trap_budget=args.trap_budget,
                             stop_at_boxed=args.stop_at_boxed, sandbox_timeout=args.sandbox_timeout,
+                            require_isolation=args.require_isolation,
                             speed_prompts=args.speed_prompts, data_dir=args.data_dir,
                             max_new_tokens=args.max_new_tokens)
     similarity, references = None, None
@@ -443,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpruned model for the similarity tasks (default: the source in pruning.json, "
                         "or the model itself when it is unpruned)")
     p.add_argument("--sandbox-timeout", type=positive_float, default=3.0, help="seconds per program (default 3)")
+    p.add_argument("--require-isolation", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse to run generated code unless the sandbox's kernel layers (unprivileged uid or "
+                        "user namespace, read-only file system, PID and network namespaces, death signal) are all "
+                        "in effect (default on; --no-require-isolation runs with what the machine has and says so "
+                        "in the log and summary.json)")
     p.add_argument("--speed-prompts", type=non_negative_int, default=3, help="prompts for the batch-1 tokens/s figure (0: skip)")
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
     p.set_defaults(func=cmd_eval)
@@ -515,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     from taskprune.config import ConfigError
     from taskprune.data import DataError
+    from taskprune.evaluate.sandbox import SandboxUnavailable
     from taskprune.models import ModelLoadError, UnsupportedArchitectureError
     from taskprune.plan import PlanError
     from taskprune.profile import ProfileError
@@ -523,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, RecoveryError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError, ProfileError,
-            ResultsError, ValueError) as err:
+            ResultsError, SandboxUnavailable, ValueError) as err:
         message = _one_line(str(err))
     except OSError as err:  # the file system said no (read-only, full, permission, missing), named with its path
         message = _os_message(err)

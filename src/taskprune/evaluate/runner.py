@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from taskprune.evaluate import provenance
 from taskprune.evaluate.generate import generate
 from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
                                           parameter_count, weight_bytes)
-from taskprune.evaluate.sandbox import run_many
+from taskprune.evaluate.sandbox import check_isolation, run_many
 from taskprune.evaluate.tasks import Task, get_task, task_kind
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
 from taskprune.models import LoadedModel, config_hash, weights_fingerprint
@@ -37,6 +38,7 @@ class EvalSettings:
     trap_budget: int = 1024  # generate this far to see whether an output ever ends (0: task budget only)
     stop_at_boxed: bool = False  # the paper's custom stopping criterion for GSM8K
     sandbox_timeout: float = 3.0
+    require_isolation: bool = True  # refuse to run generated code when a kernel sandbox layer is missing
     speed_prompts: int = 3  # prompts for the batch-1 tokens/s measurement (0: skip)
     data_dir: str | None = None
     max_new_tokens: int | None = None  # overrides every task's own budget
@@ -126,7 +128,8 @@ def score_records(lm: LoadedModel, task: Task, examples: list[Example], records:
         r.update(_trap(task, by_id[r["id"]], r))
     if task.kind == "accuracy" and task.program is not None:
         programs = [task.program(by_id[r["id"]], r["task_output"]) for r in pending]
-        results = run_many(programs, timeout_s=settings.sandbox_timeout)
+        results = run_many(programs, timeout_s=settings.sandbox_timeout,
+                           require_isolation=settings.require_isolation)
         for r, res in zip(pending, results):
             r["correct"], r["sandbox_status"] = res.passed, res.status
     elif task.kind == "accuracy":
@@ -209,6 +212,13 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}
     if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
         summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
+    if any(task_kind(n) != "multiple-choice" and get_task(n).program is not None for n in task_names):
+        # Before any generation: a required layer that is missing stops here, not after an hour of decoding.
+        sandbox = check_isolation(settings.require_isolation)
+        summary["sandbox_isolation"] = {"layers": list(sandbox.layers), "missing": list(sandbox.missing)}
+        if sandbox.missing:
+            print(f"WARNING: generated code runs with weaker containment: {sandbox.summary}", file=sys.stderr,
+                  flush=True)
     for name in task_names:
         if task_kind(name) == "multiple-choice":  # rescored in full on every run: only the model must match
             provenance.claim(out_dir, spec, identity, name, {"task": name})

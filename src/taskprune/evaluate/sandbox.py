@@ -125,6 +125,7 @@ __all__ = [
     "REQUIRED_LAYERS",
     "SandboxResult",
     "SandboxUnavailable",
+    "check_isolation",
     "isolation",
     "run_many",
     "run_program",
@@ -444,6 +445,14 @@ def isolation() -> Isolation:
     namespaces, which host directories it could write to, its disk quota).
     """
     return _probe(_probe_key())[1]
+
+
+def check_isolation(require_isolation: bool = True) -> Isolation:
+    """The layers in effect here; raises :class:`SandboxUnavailable` (naming what is missing and
+    the fix) when ``require_isolation`` and a required kernel layer is missing. A harness calls it
+    before generating anything, so a missing layer stops a run at its start."""
+    _plan_for(require_isolation)
+    return isolation()
 
 
 def _plan_for(require_isolation: bool) -> _Plan:
