@@ -444,12 +444,29 @@ def case_capture_data_missing_no_debris(c):  # fails at capture, after the model
     return (*_run(c, target=str(c.tmp / "nope.jsonl")), "does not exist")
 
 
+def case_failed_start_default_out(c):  # runs/tiny would be made, then removed with runs/ itself
+    return ["run", _study(c, target=str(c.tmp / "nope.jsonl")), "--no-report"], [c.tmp / "runs"], "does not exist"
+
+
+def case_hub_unreachable(c):
+    """A hub id that is tried and fails (here: a connection error, multi-line as transformers words it)."""
+    return _random_prune("some-org/some-model", c.tmp / "o"), [c.tmp / "o"], "from the Hugging Face Hub"
+
+
 CASES = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input(name, ctx, capsys, monkeypatch):
     monkeypatch.chdir(ctx.tmp)
+    if name == "hub_unreachable":
+        from transformers import AutoConfig
+
+        def unreachable(*args, **kwargs):
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setattr(AutoConfig, "from_pretrained", unreachable)
     argv, watch, fragment = CASES[name](ctx)
     expect_error(argv, capsys, watch, fragment)
 

@@ -78,6 +78,7 @@ class Study:
         if d_ff is not None:
             check_model_fits(cfg, d_ff)
         self.store: ResultStore | None = None
+        self.created: Path | None = None  # set by start(): the outermost directory it made
         self.eval_key = _eval_key(cfg)
         self.similarity = None
 
@@ -114,6 +115,10 @@ class Study:
         if self.store is not None:
             return
         if not self.resuming:
+            top = self.dir  # the outermost directory this start creates (runs/ too, the first time)
+            while not top.parent.exists() and top.parent != top:
+                top = top.parent
+            self.created = None if self.dir.exists() else top
             self.dir.mkdir(parents=True, exist_ok=True)
             saved = self.dir / "config.yaml"
             saved.write_text(yaml.safe_dump({**to_dict(self.cfg), "_hash": self.cfg.hash()}, sort_keys=False))
@@ -257,6 +262,11 @@ class Study:
     def _remove(self, keep_dir: bool) -> None:
         if not keep_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+            parent = self.dir.parent
+            created = self.created
+            while created is not None and parent != created.parent and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
         elif self.dir.is_dir():
             for child in self.dir.iterdir():
                 if child.is_dir() and not child.is_symlink():
