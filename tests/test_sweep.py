@@ -115,3 +115,16 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         assert load_config(path).name == path.stem
+
+
+def test_a_new_option_at_its_default_keeps_a_studys_hash():
+    from dataclasses import replace
+
+    from taskprune.config import StudyConfig, non_default
+    cfg = StudyConfig(name="s", model="m", target="mbpp", distractors=("squad",), ratios=(0.1,))
+    assert non_default(cfg) == {"name": "s", "model": "m", "target": "mbpp", "distractors": ("squad",),
+                                "ratios": (0.1,)}
+    same = replace(cfg, evaluation=replace(cfg.evaluation, require_isolation=True))
+    assert same.hash() == cfg.hash()
+    other = replace(cfg, evaluation=replace(cfg.evaluation, trap_budget=512))
+    assert other.hash() != cfg.hash() and non_default(other)["evaluation"] == {"trap_budget": 512}

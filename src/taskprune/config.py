@@ -87,11 +87,37 @@ class StudyConfig:
     evaluation: EvalConfig = EvalConfig()
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return settings_hash(self)[:12]
 
 
 def to_dict(obj) -> dict:
     return asdict(obj) if is_dataclass(obj) else obj
+
+
+def _default(f):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def non_default(obj) -> dict:
+    """A settings object's fields that differ from their defaults (nested ones likewise).
+
+    This is what identifies a study or its evaluation: an option added later with a default leaves
+    the hash of every existing study, and so its resumable directory, as it was.
+    """
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            value = non_default(value)
+            if value:
+                out[f.name] = value
+        elif f.default is MISSING and f.default_factory is MISSING or value != _default(f):
+            out[f.name] = value
+    return out
+
+
+def settings_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(non_default(obj), sort_keys=True, default=list).encode()).hexdigest()
 
 
 def _describe(hint) -> str:

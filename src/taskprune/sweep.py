@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from taskprune.atomic import OutputExistsError, check_writable
-from taskprune.config import StudyConfig, check_model_fits, to_dict
+from taskprune.config import StudyConfig, check_model_fits, settings_hash, to_dict
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
 from taskprune.evaluate.tasks import task_kind
 from taskprune.models import LoadedModel, config_hash, load_model
@@ -57,8 +57,7 @@ def cells(cfg: StudyConfig) -> list[Cell]:
 
 
 def _eval_key(cfg: StudyConfig) -> str:
-    blob = json.dumps([to_dict(cfg.evaluation), cfg.dtype], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+    return hashlib.sha256((settings_hash(cfg.evaluation) + cfg.dtype).encode()).hexdigest()[:8]
 
 
 class Study:
