@@ -128,3 +128,20 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
     assert same.hash() == cfg.hash()
     other = replace(cfg, evaluation=replace(cfg.evaluation, trap_budget=512))
     assert other.hash() != cfg.hash() and non_default(other)["evaluation"] == {"trap_budget": 512}
+
+
+def test_variants_listed_first_run_first_then_the_grid(tiny_dir, tmp_path):
+    cfg = load_config(_config(tmp_path, tiny_dir, first=["selective-selectivity-r0.25-rec", "random-r0.5-s42"]))
+    names = [cell.name(recovered) for cell, recovered in sweep.work(cfg)]
+    assert names == ["selective-selectivity-r0.25-rec", "random-r0.5-s42", "selective-selectivity-r0.25",
+                     "random-r0.25-s42", "selective-selectivity-r0.5"]
+    assert [c.name(r) for c, r in sweep.work(load_config(_config(tmp_path, tiny_dir)))] == [
+        "selective-selectivity-r0.25", "selective-selectivity-r0.25-rec", "random-r0.25-s42",
+        "selective-selectivity-r0.5", "random-r0.5-s42"]
+
+
+def test_a_first_variant_that_is_not_in_the_grid_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    cfg_path = _config(tmp_path, tiny_dir, first=["random-r0.5-s33"])
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "run")]) == 2
+    assert "first: random-r0.5-s33 is not a variant of this study" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -82,6 +82,9 @@ class StudyConfig:
     align: int = rule(128, min=1)
     dtype: str = rule("auto", choices=DTYPES)
     baseline: bool = True
+    # Variants to run first, in this order (names as in the report, e.g. selective-selectivity-r0.1,
+    # random-r0.2-s42, selective-selectivity-r0.2-rec); the rest follow in grid order.
+    first: tuple[str, ...] = ()
     capture: CaptureConfig = CaptureConfig()
     recovery: RecoveryPlan = RecoveryPlan()
     evaluation: EvalConfig = EvalConfig()

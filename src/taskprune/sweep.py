@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from taskprune.atomic import OutputExistsError, check_writable
-from taskprune.config import StudyConfig, check_model_fits, settings_hash, to_dict
+from taskprune.config import ConfigError, StudyConfig, check_model_fits, settings_hash, to_dict
 from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
 from taskprune.evaluate.tasks import task_kind
 from taskprune.models import LoadedModel, config_hash, load_model
@@ -56,6 +56,25 @@ def cells(cfg: StudyConfig) -> list[Cell]:
     return out
 
 
+def recovers(cfg: StudyConfig, cell: Cell) -> bool:
+    r = cfg.recovery
+    return r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios)
+
+
+def work(cfg: StudyConfig) -> list[tuple[Cell, bool]]:
+    """Every variant as (cell, recovered): `cfg.first` in its order, then the rest in grid order
+    (each cell, then its recovery)."""
+    grid = [(cell, recovered) for cell in cells(cfg) for recovered in (False, True)
+            if not recovered or recovers(cfg, cell)]
+    by_name = {cell.name(recovered): (cell, recovered) for cell, recovered in grid}
+    unknown = [name for name in cfg.first if name not in by_name]
+    if unknown:
+        raise ConfigError(f"first: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a variant of "
+                          f"this study; its variants are {', '.join(by_name)}")
+    first = [by_name[name] for name in dict.fromkeys(cfg.first)]
+    return first + [w for w in grid if w not in first]
+
+
 def _eval_key(cfg: StudyConfig) -> str:
     return hashlib.sha256((settings_hash(cfg.evaluation) + cfg.dtype).encode()).hexdigest()[:8]
 
@@ -72,6 +91,7 @@ class Study:
                              f"({', '.join(cfg.evaluation.tasks)}); a run can only do a subset of them")
         # This invocation's tasks (a subset run now, the rest by a later run); the config's order is kept.
         self.tasks = tuple(t for t in cfg.evaluation.tasks if tasks is None or t in tasks)
+        self.work = work(cfg)  # checks `first` before anything is written
         self.resuming = self._check_dir()
         d_ff = model_d_ff(cfg.model)  # no weights loaded; None where only loading the model can tell
         if d_ff is not None:
@@ -213,9 +233,6 @@ class Study:
     def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int) -> None:
         from taskprune.recover import config_from_args, recover
         variant = cell.name(recovered=True)
-        if all(self.store.has(variant, t) for t in self.tasks):
-            self.log(f"{variant}: done already")
-            return
         ckpt = self.dir / "checkpoints"
         pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
         if not (rec_dir / "config.json").is_file():
@@ -279,19 +296,23 @@ class Study:
         if cfg.baseline or any(task_kind(t) == "similarity" for t in self.tasks):
             self.log("== baseline (unpruned)")
             self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
-        todo = cells(cfg)
-        for k, cell in enumerate(todo, 1):
-            self.log(f"== [{k}/{len(todo)}] {cell.name()}")
+        for k, (cell, recovered) in enumerate(self.work, 1):
+            name = cell.name(recovered)
+            if all(self.store.has(name, t) for t in self.tasks):
+                self.log(f"== [{k}/{len(self.work)}] {name}: done already")
+                continue
+            self.log(f"== [{k}/{len(self.work)}] {name}"
+                     + (f" (LoRA recovery, preset {cfg.recovery.preset})" if recovered else ""))
             plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
                                         cell.seed, model=lm.model, adapter=lm.adapter)
             model = prune_model(copy.deepcopy(lm.model), lm.adapter, plan)  # lm.model stays unpruned
-            variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
-            self.evaluate_variant(variant_lm, cell.name(), cell, plan.exact_ratio, recovered=False)
-            r = cfg.recovery
-            if r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios):
-                self.log(f"== [{k}/{len(todo)}] {cell.name(recovered=True)} (LoRA recovery, preset {r.preset})")
+            if recovered:
                 self.recover_variant(lm, cell, plan, model, parameter_count(lm.model))
-            del model, variant_lm
+            else:
+                variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
+                self.evaluate_variant(variant_lm, name, cell, plan.exact_ratio, recovered=False)
+                del variant_lm
+            del model
         return self.dir
 
 
