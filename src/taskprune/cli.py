@@ -85,8 +85,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_capture_args(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("capture")
     g.add_argument("--target", required=required,
-                   help="target data set: gsm8k, mbpp, squad, humaneval, chitchat, mc:SET[:SPLIT] (a multiple-choice "
-                        "set, e.g. mc:arc-easy) or PATH.jsonl[:FIELD]")
+                   help="target data set: gsm8k, mbpp, squad, humaneval, chitchat, NAME:SPLIT (e.g. mbpp:non-test, "
+                        "every MBPP task but the test split), mc:SET[:SPLIT] (a multiple-choice set, e.g. "
+                        "mc:arc-easy) or PATH.jsonl[:FIELD]")
     g.add_argument("--distractor", action="append", required=required,
                    help="distractor data set (repeat, or comma-separate, for several; they are pooled)")
     g.add_argument("--n", type=positive_int, default=128, help="prompts drawn per data set (default 128; the paper uses 800)")
