@@ -337,3 +337,48 @@ def test_layer_table():
     rows = T.layer_table({"scorer": "selectivity", "layers": [[3, 1], [0, 0]]})
     assert [(r.layer, r.target, r.distractor, r.target_share) for r in rows] == [(0, 3, 1, 75.0), (1, 0, 0, None)]
     assert T.layer_table(None) == [] and T.layer_table({"layers": "bad"}) == []
+
+
+REFERENCE = """
+paper: arXiv 0000.00000
+model: Test-Coder
+task: humaneval
+tables:
+  3a: {caption: "Table 3a", strategy: selective, metric: accuracy, original: 62.8, ratios: {0.05: 47.5, 0.10: 45.0, 0.20: 30.0}}
+  4b: {caption: "Table 4b", strategy: selective, recovered: true, metric: trap_pct, ratios: {0.10: 0.5}}
+  rnd: {caption: "Random", strategy: random, metric: accuracy, ratios: {0.10: 20.0}}
+  5: {caption: "Table 5", metric: peak_memory_gib, original: 2.90, ratios: {0.10: 2.0}}
+claims: [random is below selective at every ratio]
+"""
+
+
+def test_reference_numbers_beside_ours(tmp_path):
+    from taskprune.report.reference import load_reference
+    run = BUILD.build(tmp_path / "study")
+    ref_file = tmp_path / "ref.yaml"
+    ref_file.write_text(REFERENCE)
+    ref = load_reference(ref_file, T.load_study(run).rows)
+    t3a, t4b, rnd, t5 = ref.tables
+    assert [(r.ratio, r.paper, r.ours) for r in t3a.rows] == [
+        (None, 62.8, pytest.approx(60.0)), (0.05, 47.5, pytest.approx(55.0)), (0.1, 45.0, pytest.approx(45.0)),
+        (0.2, 30.0, None)]  # no 20% variant in the study: no value, no difference
+    assert t3a.rows[1].difference == pytest.approx(7.5) and t3a.rows[3].difference is None
+    assert [(r.ratio, r.ours) for r in t4b.rows] == [(0.1, 10.0)]  # the recovered variant's traps
+    assert rnd.rows[0].ours == pytest.approx((40.0 + 25.0) / 2)  # mean over the seeds
+    assert t5.rows[0].ours == pytest.approx(1288490189 / 2**30) and t5.rows[1].ours == pytest.approx(1202590843 / 2**30)
+    md, _ = write_report(run, tmp_path / "out", reference=ref_file)
+    text = md.read_text()
+    assert "## Against the paper (arXiv 0000.00000)" in text
+    assert "| 5% | 47.5 | 55.0 | +7.5 |" in text and "random is below selective at every ratio" in text
+    plain, _ = write_report(run, tmp_path / "plain")
+    assert "Against the paper" not in plain.read_text()
+
+
+def test_a_bad_reference_file_is_one_line(tmp_path, capsys):
+    from taskprune.cli import main
+    run = BUILD.build(tmp_path / "study")
+    bad = tmp_path / "ref.yaml"
+    bad.write_text("task: humaneval\ntables: {3a: {metric: wrong}}\n")
+    assert main(["report", str(run), "--reference", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tables.3a.metric must be one of accuracy" in err

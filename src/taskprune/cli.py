@@ -340,13 +340,16 @@ def cmd_run(args) -> int:
     from taskprune.config import load_config
     from taskprune.sweep import run_study
     cfg = load_config(args.config)
+    if args.reference is not None:  # a bad reference file fails now, not after the study
+        from taskprune.report.reference import load_reference
+        load_reference(args.reference, [])
     run_dir = args.out or Path("runs") / cfg.name
     start = time.perf_counter()
     tasks = tuple(_split_sets(args.tasks)) if args.tasks else None
     run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=args.data_dir, tasks=tasks)
     if not args.no_report:
         from taskprune.report import write_report
-        md, html = write_report(run_dir)
+        md, html = write_report(run_dir, reference=args.reference)
         print(f"report: {html} (Markdown: {md})")
     print(f"study {cfg.name} finished in {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.sqlite'}")
     return 0
@@ -356,7 +359,7 @@ def cmd_report(args) -> int:
     from taskprune.report import write_report
     if not (args.run_dir / "results.sqlite").is_file():
         raise FileNotFoundError(f"{args.run_dir} has no results.sqlite; run a study first (taskprune run CONFIG)")
-    md, html = write_report(args.run_dir, args.out)
+    md, html = write_report(args.run_dir, args.out, args.reference)
     print(f"report: {html} (Markdown: {md})")
     return 0
 
@@ -496,11 +499,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only these of the config's tasks in this run (comma-separated), e.g. a held-out "
                         "task for every cell first; a later run without --tasks fills in the rest")
     p.add_argument("--data-dir", default=None, help="folder with offline data copies (default $TASKPRUNE_DATA)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="published numbers for the report to print beside the study's "
+                        "(e.g. references/arxiv-2604.27115.yaml)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="write the Markdown and HTML report of a study directory")
     p.add_argument("run_dir", type=Path, help="a study directory made by taskprune run")
     p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the study directory)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="published numbers to print beside the study's (e.g. references/arxiv-2604.27115.yaml)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="describe a profile or a pruned checkpoint")

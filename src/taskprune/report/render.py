@@ -244,6 +244,7 @@ def build_doc(rep: Report, run_dir: Path) -> Doc:
                + (f"; **random seeds:** {', '.join(str(s) for s in info['seeds'])}" if info["seeds"] else ""),
                f"**Study directory:** `{run_dir.name}`"])
     _baseline(d, rep)
+    _reference(d, rep)
     _accuracy(d, rep)
     _traps(d, rep)
     _recovery(d, rep)
@@ -327,6 +328,25 @@ def _traps(d: Doc, rep: Report) -> None:
             plots.grid_plot([gs["trap_pct"] for gs in rep.traps.values()], "answers in a trap",
                             "Trap rate vs pruning ratio"),
             "Trap % vs pruning ratio (Type 1 + Type 2)")
+
+
+def _reference(d: Doc, rep: Report) -> None:
+    ref = rep.reference
+    if ref is None:
+        return
+    d.h(2, f"Against the paper ({ref.paper})")
+    d.p(f"The published numbers for {ref.model or 'the paper'} on {ref.task} beside this study's, and the "
+        f"difference (taskprune − paper). Random variants, where a table has them, are the mean over seeds; "
+        f"'–' where this study has no such variant yet. The intervals of the comparisons below are this "
+        f"study's; the paper gives none.")
+    for t in ref.tables:
+        digits = 2 if t.metric in ("peak_memory_gib",) else 1
+        d.table(["Ratio", "Paper", "taskprune", "Difference"],
+                [["original" if r.ratio is None else ratio_label(r.ratio), num(r.paper, digits),
+                  num(r.ours, digits), signed(r.difference, digits)] for r in t.rows], caption=t.caption)
+    if ref.claims:
+        d.p("The paper's claims, to read against the comparisons and similarity sections:")
+        d.bullets(ref.claims)
 
 
 def _recovery(d: Doc, rep: Report) -> None:
@@ -477,13 +497,15 @@ def _scorer_summary(d: Doc, rep: Report) -> None:
         d.table(headers, rows, caption=f"All metrics per scorer at {ratio_label(ratio)}")
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """Write `report.md` (+ its PNG figures) and the self-contained `report.html`; return their paths."""
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 reference: str | Path | None = None) -> tuple[Path, Path]:
+    """Write `report.md` (+ its PNG figures) and the self-contained `report.html`; return their paths.
+    `reference`: a YAML file of published numbers to print beside the study's (report/reference.py)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     study = load_study(run_dir)
-    rep = build_report(study)
+    rep = build_report(study, reference)
     doc = build_doc(rep, run_dir)
     for img in doc.images:
         (out_dir / img.name).write_bytes(img.png)
