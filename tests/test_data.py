@@ -96,3 +96,12 @@ def test_named_split_of_a_registry_set(data_dir):
     assert [ex.id for ex in load_examples("mbpp", data_dir)] == [ex.id for ex in load_examples("mbpp:train", data_dir)]
     with pytest.raises(DataError, match="mbpp has splits"):
         load_examples("mbpp:tset", data_dir)
+
+
+def test_data_layer_does_not_import_evaluation():
+    import subprocess
+    import sys
+    code = ("import sys, taskprune.data, taskprune.data.multiple_choice; "
+            "print(sorted(m for m in sys.modules if m.startswith('taskprune.evaluate')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

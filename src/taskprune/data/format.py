@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taskprune.data.registry import Example
+from taskprune.data.core import Example
 
 TEMPLATES = ("chat", "raw")
 CONTENTS = ("prompt", "prompt+response")

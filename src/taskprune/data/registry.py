@@ -8,54 +8,15 @@ When no local copy exists the Hub is tried through `datasets` (needs a network).
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
-import os
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """A data set that cannot be read; the message names it and says how to fix it."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One item: the task text (a user turn) and, where the set has one, a reference response."""
-
-    id: str
-    prompt: str
-    response: str | None = None
-    meta: dict = field(default_factory=dict, compare=False)
-
+from taskprune.data.core import DataError, Example, data_dir_from, read_jsonl
+from taskprune.data.multiple_choice import get_mc_set, load_mc
 
 Loader = Callable[[Path | None, str], list[Example]]
-
-
-def data_dir_from(arg: str | Path | None) -> Path | None:
-    value = arg or os.environ.get("TASKPRUNE_DATA")
-    return Path(value).expanduser() if value else None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file (optionally gzipped); malformed lines are an error naming the line."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-            rows.append(row)
-    return rows
 
 
 def _local(data_dir: Path | None, rel: str) -> Path | None:
@@ -225,8 +186,6 @@ def load_mc_examples(spec: str, data_dir: str | Path | None = None, split: str |
     `mc:SET` reads the first split other than the one the set is evaluated on (ARC: validation), so a
     profile never sees the evaluation items; `mc:SET:SPLIT` names the split.
     """
-    from taskprune.data.multiple_choice import get_mc_set, load_mc  # noqa: PLC0415 - it imports this module
-
     name, _, named_split = spec.removeprefix("mc:").partition(":")
     mc = get_mc_set(name)
     split = named_split or (split if split in mc.splits else None)
@@ -239,13 +198,3 @@ def load_mc_examples(spec: str, data_dir: str | Path | None = None, split: str |
     loaded = load_mc(name, data_dir, split)
     return [Example(item.id, item.context, item.choices[item.gold], {"split": split, "source": loaded.source})
             for item in loaded.items]
-
-
-def sample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """`n` examples drawn without replacement with `seed` (all of them, in order, if n is None or >= len)."""
-    if n is None or n >= len(examples):
-        return list(examples)
-    if n <= 0:
-        raise DataError(f"number of prompts must be positive, got {n}")
-    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in idx]

@@ -33,25 +33,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-
 import torch
 
-
-@dataclass
-class MCItem:
-    """One multiple-choice question: the prompt, the choice strings (no leading space) and the gold index."""
-
-    id: str
-    context: str
-    choices: list[str]
-    gold: int
-    meta: dict = field(default_factory=dict)  # e.g. {"subject": ...} for MMLU
-
-    target_delimiter = " "  # the harness's default, put between the context and each choice
-
-    def continuations(self) -> list[str]:
-        return [self.target_delimiter + c for c in self.choices]
+from taskprune.data.core import MCItem
+from taskprune.data.multiple_choice import load_mc, select
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -252,8 +237,6 @@ def evaluate_multiple_choice(lm, set_name: str, limit: int | None = None, data_d
     Returns ``{"summary": {...}, "records": [...]}``; the summary has `task` (``mc:<set>``), `n`,
     `acc`, `acc_norm` (+ stderr), the data `source`, the split, timings and, for MMLU, per subject.
     """
-    from taskprune.data.multiple_choice import load_mc, select  # noqa: PLC0415 - avoids an import cycle
-
     loaded = load_mc(set_name, data_dir=data_dir, split=split, source=source)
     items = select(loaded.items, limit, set_name)
     t0 = time.perf_counter()
