@@ -241,3 +241,24 @@ def test_code_tasks_record_the_sandbox_layers_and_stop_early_without_them(tiny_d
     assert main([*args, "--out", str(tmp_path / "refused")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith("missing: pid-ns")
     assert not list((tmp_path / "refused").glob("*.jsonl"))  # refused before any generation
+
+
+def test_tasks_are_data_with_hooks():
+    """Each benchmark is one `Task`: its output type, metrics, scorer, records file and training target."""
+    assert {n: (t.output_type, t.kind, t.metrics) for n, t in TASKS.items()} == {
+        "gsm8k": ("generate", "accuracy", ("accuracy",)), "humaneval": ("generate", "accuracy", ("accuracy",)),
+        "mbpp": ("generate", "accuracy", ("accuracy",)),
+        "squad-sim": ("similarity", "similarity", ("similarity",)),
+        "dialogue-sim": ("similarity", "similarity", ("similarity",))}
+    assert (TASKS["squad-sim"].similarity_scorer, TASKS["dialogue-sim"].similarity_scorer) == ("bertscore", "sbert")
+    assert TASKS["mbpp"].score({"correct": True}) == 1.0 and TASKS["squad-sim"].score({"similarity": 0.5}) == 0.5
+    mc = get_task("mc:mmlu-anatomy")
+    assert (mc.output_type, mc.kind, mc.metrics, mc.dataset, mc.split) == (
+        "multiple_choice", "multiple-choice", ("acc", "acc_norm"), "mmlu-anatomy", "test")
+    assert mc.records_file == "mc-mmlu-anatomy.jsonl" and TASKS["gsm8k"].records_file == "gsm8k.jsonl"
+    assert mc.process({"acc": 1.0, "acc_norm": 0.0}) == {"acc": 1.0, "acc_norm": 0.0}
+    assert [n for n, t in TASKS.items() if t.training_pair] == ["gsm8k", "mbpp"]
+    with pytest.raises(ValueError, match="unknown multiple-choice set"):
+        get_task("mc:nope")
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("nope")

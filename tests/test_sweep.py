@@ -145,3 +145,18 @@ def test_a_first_variant_that_is_not_in_the_grid_is_refused_before_anything_is_w
     assert main(["run", str(cfg_path), "--out", str(tmp_path / "run")]) == 2
     assert "first: random-r0.5-s33 is not a variant of this study" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_older_results_database_gains_the_kind_and_metric_columns(tmp_path):
+    from taskprune.results import SCHEMA, ResultRow, ResultStore
+    db = tmp_path / "results.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(SCHEMA.replace("kind TEXT, metric TEXT,", ""))  # the table as studies before them made it
+    con.execute("INSERT INTO results (variant, task, strategy, ratio_nominal, ratio_exact, recovered, accuracy) "
+                "VALUES ('base', 'mbpp', 'none', 0, 0, 0, 0.5)")
+    con.commit()
+    con.close()
+    store = ResultStore(db)
+    store.put(ResultRow("v", "mbpp", "selective", 0.1, 0.1, False, accuracy=0.25, kind="accuracy", metric="accuracy"))
+    assert {(r["variant"], r["kind"], r["metric"]) for r in store.rows()} == {
+        ("base", None, None), ("v", "accuracy", "accuracy")}

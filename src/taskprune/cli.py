@@ -293,10 +293,10 @@ def cmd_eval(args) -> int:
     from taskprune.atomic import check_replaceable
     from taskprune.evaluate.references import reference_outputs, reference_spec
     from taskprune.evaluate.runner import EvalSettings, evaluate
-    from taskprune.evaluate.tasks import task_kind
+    from taskprune.evaluate.tasks import get_task
     from taskprune.models import load_model
     tasks = _split_sets([args.tasks])
-    kinds = [task_kind(name) for name in tasks]  # fail on a typo before loading anything
+    kinds = [get_task(name).kind for name in tasks]  # fail on a typo before loading anything
     if args.overwrite:
         check_replaceable(args.out, "eval")
     settings = EvalSettings(limit=args.limit, batch_size=args.batch_size, trap_budget=args.trap_budget,

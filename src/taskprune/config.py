@@ -220,14 +220,14 @@ def _build(cls, data: dict, where: str):
 
 def validate(cfg: StudyConfig) -> StudyConfig:
     """What field types and rules cannot say: names, tasks, and how the fields fit together."""
-    from taskprune.evaluate.tasks import task_kind
+    from taskprune.evaluate.tasks import get_task
     from taskprune.recover import RecoveryError, config_from_args
     if not NAME.fullmatch(cfg.name):
         raise ConfigError(f"name {cfg.name!r} must be one directory name (letters, digits, '.', '_', '+', '-', "
                           f"not starting with '.'), with no '/' or '..'; the study goes to runs/<name>")
     for t in cfg.evaluation.tasks:
         try:
-            task_kind(t)
+            get_task(t)
         except ValueError as err:
             raise ConfigError(f"evaluation.tasks: {err}") from None
     extra = sorted(set(cfg.evaluation.limit) - set(cfg.evaluation.tasks))

@@ -45,7 +45,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ from taskprune import __version__
 from taskprune.atomic import atomic_dir, check_replaceable
 from taskprune.data import Example, load_examples
 from taskprune.data.registry import DataError, load_file
+from taskprune.evaluate.tasks import gsm8k_solution, mbpp_solution, training_target
 
 __all__ = ["RecoveryConfig", "PRESETS", "RecoveryError", "TrainExample", "RecoveryData", "recover",
            "recovery_examples", "gsm8k_solution", "mbpp_solution", "chat_pair", "encode_pair", "collate",
@@ -164,37 +164,12 @@ class RecoveryData:
                 "ids_sha256": hashlib.sha256(ids).hexdigest()[:16], **self.meta}
 
 
-_CALC = re.compile(r"<<.*?>>")
-
-
-def gsm8k_solution(answer: str) -> str:
-    """A GSM8K `answer` field as a boxed-answer solution: calculator annotations removed, the final
-    `#### X` line replaced by "The final answer is \\boxed{X}."."""
-    if "####" not in answer:
-        raise DataError("GSM8K answer field has no '####' marker")
-    body, final = answer.rsplit("####", 1)
-    body = _CALC.sub("", body).rstrip()
-    boxed = f"The final answer is \\boxed{{{final.strip()}}}."
-    return f"{body}\n{boxed}" if body else boxed
-
-
-def mbpp_solution(code: str) -> str:
-    """MBPP reference code in a ```python fence (CRLF normalised, trailing spaces dropped)."""
-    lines = [line.rstrip() for line in code.replace("\r\n", "\n").replace("\r", "\n").strip("\n").split("\n")]
-    return "```python\n" + "\n".join(lines) + "\n```"
-
-
 def chat_pair(source: str, ex: Example) -> tuple[str, str]:
     """(user turn, assistant turn) of one training example of `source`."""
-    from taskprune.evaluate.tasks import TASKS, _mbpp_message  # noqa: PLC0415 - evaluation prompts
-
     if ex.response is None:
         raise DataError(f"{ex.id} has no response to train on")
-    if source == "gsm8k":
-        return TASKS["gsm8k"].user_message(ex), gsm8k_solution(ex.response)
-    if source == "mbpp":
-        return _mbpp_message(ex), mbpp_solution(ex.response)
-    return ex.prompt, ex.response
+    target = training_target(source)
+    return target(ex) if target is not None else (ex.prompt, ex.response)
 
 
 def encode_pair(tokenizer, user: str, assistant: str) -> tuple[list[int], list[int]]:

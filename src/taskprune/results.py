@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS results (
     parameters INTEGER, checkpoint_bytes INTEGER, peak_memory_bytes INTEGER,
     tokens_per_s_batch1 REAL, tokens_per_s_eval REAL,
     wall_s REAL, config_hash TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP,
+    kind TEXT, metric TEXT,         -- the task's kind (accuracy|similarity|multiple-choice), its headline metric
     PRIMARY KEY (variant, task)
 );
 CREATE TABLE IF NOT EXISTS items (
@@ -63,9 +64,13 @@ class ResultRow:
     tokens_per_s_eval: float | None = None
     wall_s: float | None = None
     config_hash: str | None = None
+    kind: str | None = None  # the task's kind: accuracy, similarity or multiple-choice
+    metric: str | None = None  # the task's headline metric (accuracy, similarity, acc)
 
 
 COLUMNS = [f.name for f in fields(ResultRow)]
+# Columns added after the first studies were stored: an older database gets them (NULL in its old rows).
+ADDED_COLUMNS = {"kind": "TEXT", "metric": "TEXT"}
 
 
 class ResultsError(RuntimeError):
@@ -96,6 +101,9 @@ class ResultStore:
         with results_errors(self.path), closing(self._connect()) as con, con:
             con.executescript(SCHEMA)
             missing = set(COLUMNS) - {row[1] for row in con.execute("PRAGMA table_info(results)")}
+            for column in sorted(missing & set(ADDED_COLUMNS)):
+                con.execute(f"ALTER TABLE results ADD COLUMN {column} {ADDED_COLUMNS[column]}")
+            missing -= set(ADDED_COLUMNS)
             if missing:
                 raise ResultsError(f"{self.path}: its results table lacks {', '.join(sorted(missing))} (made by "
                                    f"another version?); move it away, or use another --out")

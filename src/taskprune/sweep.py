@@ -21,8 +21,8 @@ import yaml
 
 from taskprune.atomic import OutputExistsError, check_writable
 from taskprune.config import ConfigError, StudyConfig, check_model_fits, settings_hash, to_dict
-from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
-from taskprune.evaluate.tasks import task_kind
+from taskprune.evaluate.runner import EvalSettings, evaluate, item_scores, read_records
+from taskprune.evaluate.tasks import SIMILARITY, get_task
 from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.models.load import model_d_ff
 from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profile
@@ -186,9 +186,9 @@ class Study:
         return self.similarity
 
     def _references(self, task: str) -> dict[str, str] | None:
-        if task_kind(task) != "similarity":
+        if get_task(task).output_type != SIMILARITY:
             return None
-        base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / f"{task}.jsonl")
+        base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / get_task(task).records_file)
         return {i: r.get("task_output", r["output"]) for i, r in base.items()}
 
     def evaluate_variant(self, lm: LoadedModel, variant: str, cell: Cell | None, exact_ratio: float,
@@ -202,7 +202,7 @@ class Study:
         batch1 = None
         for i, task in enumerate(todo):
             start = time.perf_counter()
-            sim = self._similarity() if task_kind(task) == "similarity" else None
+            sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
             # The baseline is its own reference; every other variant is compared with the baseline's answers.
             refs = None if variant == "base" else {task: self._references(task)}
             # The variant names the model: a recovery redone after a crash may differ in the last bits.
@@ -210,19 +210,14 @@ class Study:
                                progress=self.progress, identity={"study": self.cfg.hash(), "variant": variant})
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
-            if task_kind(task) == "multiple-choice":
-                records = read_records(out / f"mc-{task[3:]}.jsonl")
-                items = [{"item_id": r["id"], "score": float(r["acc"])} for r in records.values()]
-            else:
-                records = read_records(out / f"{task}.jsonl")
-                items = [{"item_id": r["id"], "score": float(r["correct"]) if "correct" in r else r.get("similarity"),
-                          "trap": r["trap"], "trap_type": r["trap_type"]} for r in records.values()]
+            items = item_scores(get_task(task), out)
             self.store.put(ResultRow(
                 variant=variant, task=task, strategy=cell.strategy if cell else "none",
                 ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
                 model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
                 capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
                 scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
+                kind=get_task(task).kind, metric=get_task(task).metric,
                 accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
                 type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
                 parameters=res["parameters"], checkpoint_bytes=res["weight_bytes"],  # weights at the evaluation dtype
@@ -293,7 +288,7 @@ class Study:
     def _run(self, lm: LoadedModel) -> Path:
         cfg = self.cfg
         profile = self.profile(lm)
-        if cfg.baseline or any(task_kind(t) == "similarity" for t in self.tasks):
+        if cfg.baseline or any(get_task(t).output_type == SIMILARITY for t in self.tasks):
             self.log("== baseline (unpruned)")
             self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
         for k, (cell, recovered) in enumerate(self.work, 1):

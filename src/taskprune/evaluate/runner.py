@@ -3,6 +3,7 @@
 Layout of an evaluation directory:
 
     <out>/<task>.jsonl     one record per sample: prompt, output, new tokens, EOS, time, score, trap
+                           (`Task.records_file`: `mc:SET` writes `mc-SET.jsonl`, one scored item per line)
     <out>/summary.json     per task: accuracy or similarity, trap %, Type 1/2 %, speed; resources
     <out>/made_by.json     the model and, per task, the settings that made the records (provenance.py)
 
@@ -23,10 +24,11 @@ from pathlib import Path
 from taskprune.data import Example
 from taskprune.evaluate import provenance
 from taskprune.evaluate.generate import generate
+from taskprune.evaluate.multiple_choice import evaluate_multiple_choice
 from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
                                           parameter_count, weight_bytes)
 from taskprune.evaluate.sandbox import check_isolation, run_many
-from taskprune.evaluate.tasks import Task, get_task, task_kind
+from taskprune.evaluate.tasks import DEFAULT_TASK, GENERATE, MULTIPLE_CHOICE, SIMILARITY, Task, get_task
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
 from taskprune.models import LoadedModel, config_hash, weights_fingerprint
 
@@ -119,20 +121,20 @@ def _trap(task: Task, ex: Example, rec: dict) -> dict:
 
 def score_records(lm: LoadedModel, task: Task, examples: list[Example], records: dict[str, dict],
                   settings: EvalSettings, references: dict[str, str] | None = None, similarity=None) -> list[dict]:
-    """Fill in `correct` (accuracy tasks) or `similarity`, and the trap verdict, where missing."""
+    """Fill in `correct` (generate tasks) or `similarity`, and the trap verdict, where missing."""
     by_id = {ex.id: ex for ex in examples}
     rows = [records[ex.id] for ex in examples if ex.id in records]
     pending = [r for r in rows if "trap" not in r]
     for r in pending:
         r["task_output"] = _within_budget(lm.tokenizer, r, task.max_new_tokens)
         r.update(_trap(task, by_id[r["id"]], r))
-    if task.kind == "accuracy" and task.program is not None:
+    if task.output_type == GENERATE and task.program is not None:
         programs = [task.program(by_id[r["id"]], r["task_output"]) for r in pending]
         results = run_many(programs, timeout_s=settings.sandbox_timeout,
                            require_isolation=settings.require_isolation)
         for r, res in zip(pending, results):
             r["correct"], r["sandbox_status"] = res.passed, res.status
-    elif task.kind == "accuracy":
+    elif task.output_type == GENERATE:
         for r in pending:
             r["correct"] = task.grade(by_id[r["id"]], r["task_output"])
     else:
@@ -145,7 +147,7 @@ def score_records(lm: LoadedModel, task: Task, examples: list[Example], records:
         pending = [r for r in rows if r["id"] in new or r.get("reference") != ref_of[r["id"]]]
         refs = [ref_of[r["id"]] for r in pending]
         cands = [r["task_output"] for r in pending]
-        metric = similarity.bertscore if task.name == "squad-sim" else similarity.sbert
+        metric = getattr(similarity, task.similarity_scorer)
         for r, ref, value in zip(pending, refs, metric(cands, refs) if pending else []):
             r["reference"], r["similarity"] = ref, float(value)
     return rows
@@ -160,23 +162,73 @@ def summarise(task: Task, rows: list[dict]) -> dict:
            "no_eos_pct": pct(lambda r: not r["ended_by_eos"] and r["stopped_by"] != "stop"),
            "mean_new_tokens": sum(r["new_tokens"] for r in rows) / n if n else 0.0,
            "tokens_per_s": (sum(r["new_tokens"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9))}
-    if task.kind == "accuracy":
-        out["accuracy"] = pct(lambda r: r["correct"]) / 100.0
+    if task.output_type == GENERATE:
+        out[task.metric] = pct(lambda r: task.score(r)) / 100.0
     else:
-        out["similarity"] = sum(r["similarity"] for r in rows) / n if n else 0.0
+        out[task.metric] = sum(task.score(r) for r in rows) / n if n else 0.0
     return out
 
 
-def _multiple_choice(lm: LoadedModel, name: str, out_dir: Path, settings: EvalSettings, progress: bool) -> dict:
-    """Log-likelihood scoring of an `mc:SET` task; records to `mc-SET.jsonl` (cheap: rescored on every run)."""
-    from taskprune.evaluate.multiple_choice import evaluate_multiple_choice  # noqa: PLC0415 - optional data
+def item_scores(task: Task, out_dir: Path) -> list[dict]:
+    """Per item of a finished evaluation in `out_dir`: its id, headline score and (generation) trap verdict."""
+    return [{"item_id": r["id"], "score": task.score(r), **{k: r[k] for k in ("trap", "trap_type") if k in r}}
+            for r in read_records(Path(out_dir) / task.records_file).values()]
+
+
+def _multiple_choice(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSettings, progress: bool,
+                     ctx: EvalContext) -> dict:
+    """Log-likelihood scoring of a multiple-choice task (cheap: rescored in full on every run, so only
+    the model must match the earlier records)."""
+    provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, {"task": task.name})
     with WorkingSet(next(lm.model.parameters()).device) as ws:
-        result = evaluate_multiple_choice(lm, name[3:], settings.limit, settings.data_dir, settings.batch_size)
-    write_records(out_dir / f"mc-{name[3:]}.jsonl", result["records"])
+        result = evaluate_multiple_choice(lm, task.dataset, settings.limit, settings.data_dir, settings.batch_size)
+    write_records(out_dir / task.records_file, result["records"])
     s = result["summary"]
     if progress:
-        print(f"{name}: acc {s['acc']:.3f}, acc_norm {s['acc_norm']:.3f} on {s['n']} ({s['source']})")
-    return {**s, "kind": "multiple-choice", "accuracy": s["acc"], "working_set_bytes": ws.peak}
+        print(f"{task.name}: " + ", ".join(f"{m} {s[m]:.3f}" for m in task.metrics) + f" on {s['n']} ({s['source']})")
+    return {**s, "kind": task.kind, "accuracy": s[task.metric], "working_set_bytes": ws.peak}
+
+
+def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSettings, progress: bool,
+               ctx: EvalContext) -> dict:
+    """Generate (resuming), score and summarise a generate or similarity task."""
+    if settings.max_new_tokens:
+        task = replace(task, max_new_tokens=settings.max_new_tokens)
+    examples = task.examples(settings.data_dir, settings.limit)
+    budget = max(task.max_new_tokens, settings.trap_budget)
+    start = time.perf_counter()
+    path = out_dir / task.records_file
+    made_by = provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, task_settings(task, budget, settings))
+    generated_before = len(read_records(path))
+    with WorkingSet(next(lm.model.parameters()).device) as ws:
+        records = generate_records(lm, task, examples, path, budget, settings, made_by, progress)
+    rows = score_records(lm, task, examples, records, settings, ctx.references, ctx.similarity)
+    write_records(path, rows)
+    result = summarise(task, rows)
+    result["wall_s_this_run"] = time.perf_counter() - start
+    # Memory generation added on top of the weights; a run that generated nothing keeps the earlier figure.
+    before = ctx.earlier.get("working_set_bytes")
+    result["working_set_bytes"] = ws.peak if len(records) > generated_before or before is None else before
+    if progress:
+        print(f"{task.name}: {task.metric} {result[task.metric]:.3f} on {result['n']}, traps {result['trap_pct']:.1f}% "
+              f"(type 1 {result['type1_pct']:.1f}%, type 2 {result['type2_pct']:.1f}%), "
+              f"{result['tokens_per_s']:.1f} tokens/s")
+    return result
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What one task's evaluation is made by and against: the model (spec and identity, for provenance),
+    the task's earlier summary in this directory, and a similarity task's references and scorer."""
+
+    spec: str
+    identity: dict
+    earlier: dict
+    references: dict[str, str] | None = None
+    similarity: object | None = None
+
+
+EVALUATORS = {GENERATE: _generated, SIMILARITY: _generated, MULTIPLE_CHOICE: _multiple_choice}
 
 
 def model_identity(lm: LoadedModel) -> dict:
@@ -212,48 +264,23 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}
     if (out_dir / "summary.json").is_file():  # tasks evaluated by earlier runs into this directory stay
         summary["tasks"] = json.loads((out_dir / "summary.json").read_text()).get("tasks", {})
-    if any(task_kind(n) != "multiple-choice" and get_task(n).program is not None for n in task_names):
+    tasks = [get_task(n) for n in task_names]
+    if any(task.program is not None for task in tasks):
         # Before any generation: a required layer that is missing stops here, not after an hour of decoding.
         sandbox = check_isolation(settings.require_isolation)
         summary["sandbox_isolation"] = {"layers": list(sandbox.layers), "missing": list(sandbox.missing)}
         if sandbox.missing:
             print(f"WARNING: generated code runs with weaker containment: {sandbox.summary}", file=sys.stderr,
                   flush=True)
-    for name in task_names:
-        if task_kind(name) == "multiple-choice":  # rescored in full on every run: only the model must match
-            provenance.claim(out_dir, spec, identity, name, {"task": name})
-            summary["tasks"][name] = _multiple_choice(lm, name, out_dir, settings, progress)
-            continue
-        task = get_task(name)
-        if settings.max_new_tokens:
-            task = replace(task, max_new_tokens=settings.max_new_tokens)
-        examples = task.examples(settings.data_dir, settings.limit)
-        budget = max(task.max_new_tokens, settings.trap_budget)
-        start = time.perf_counter()
-        path = out_dir / f"{name}.jsonl"
-        task_refs = (references or {}).get(name)
-        made_by = provenance.claim(out_dir, spec, identity, name, task_settings(task, budget, settings))
-        generated_before = len(read_records(path))
-        with WorkingSet(device) as ws:
-            records = generate_records(lm, task, examples, path, budget, settings, made_by, progress)
-        rows = score_records(lm, task, examples, records, settings, task_refs, similarity)
-        write_records(path, rows)
-        result = summarise(task, rows)
-        result["wall_s_this_run"] = time.perf_counter() - start
-        # Memory generation added on top of the weights; a run that generated nothing keeps the earlier figure.
-        earlier = summary["tasks"].get(name, {}).get("working_set_bytes")
-        result["working_set_bytes"] = ws.peak if len(records) > generated_before or earlier is None else earlier
-        summary["tasks"][name] = result
-        if progress:
-            metric = f"accuracy {result['accuracy']:.3f}" if "accuracy" in result else f"similarity {result['similarity']:.3f}"
-            print(f"{name}: {metric} on {result['n']}, traps {result['trap_pct']:.1f}% "
-                  f"(type 1 {result['type1_pct']:.1f}%, type 2 {result['type2_pct']:.1f}%), "
-                  f"{result['tokens_per_s']:.1f} tokens/s")
+    for task in tasks:
+        ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), (references or {}).get(task.name),
+                          similarity)
+        summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
     working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
     weights = weight_bytes(lm.model)
-    generative = [n for n in task_names if task_kind(n) != "multiple-choice"] or ["gsm8k"]
-    speed_prompts = [chat_prompt(lm.tokenizer, get_task(generative[0]).user_message(ex))
-                     for ex in get_task(generative[0]).examples(settings.data_dir, settings.speed_prompts)]
+    speed_task = next((t for t in tasks if t.user_message is not None), None) or get_task(DEFAULT_TASK)
+    speed_prompts = [chat_prompt(lm.tokenizer, speed_task.user_message(ex))
+                     for ex in speed_task.examples(settings.data_dir, settings.speed_prompts)]
     summary["resources"] = {
         "parameters": parameter_count(lm.model),
         "checkpoint_bytes": checkpoint_bytes(lm.source.get("path")),
