@@ -382,3 +382,15 @@ def test_a_bad_reference_file_is_one_line(tmp_path, capsys):
     assert main(["report", str(run), "--reference", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tables.3a.metric must be one of accuracy" in err
+
+
+def test_task_kind_is_the_stored_one_else_derived_from_the_values():
+    from taskprune.report.tables import accuracy_tasks, task_kind
+    old = [{"task": "humaneval", "accuracy": 0.5, "similarity": None, "kind": None},
+           {"task": "squad-sim", "accuracy": None, "similarity": 0.9}]
+    new = [{"task": "mc:arc-easy", "accuracy": 0.5, "similarity": None, "kind": "multiple-choice"},
+           {"task": "dialogue-sim", "accuracy": None, "similarity": None, "kind": "similarity"}]
+    rows = old + new
+    assert [task_kind(rows, t) for t in ("humaneval", "squad-sim", "mc:arc-easy", "dialogue-sim")] == [
+        "accuracy", "similarity", "multiple-choice", "similarity"]
+    assert accuracy_tasks(rows) == ["humaneval", "mc:arc-easy"]

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 
 BASELINE = "none"
 STRATEGY_ORDER = ("selective", "reverse", "random")
-TASK_ORDER = ("humaneval", "mbpp", "gsm8k", "squad-sim", "dialogue-sim")
-SIMILARITY_TASKS = ("squad-sim", "dialogue-sim")
+TASK_ORDER = ("humaneval", "mbpp", "gsm8k", "squad-sim", "dialogue-sim")  # the paper's; other tasks follow by name
+ACCURACY_KINDS = ("accuracy", "multiple-choice")  # kinds whose score is the `accuracy` column (a fraction)
 SIMILARITY_MEAN = "semantic similarity (mean)"
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -109,8 +109,12 @@ def tasks(rows: list[dict]) -> list[str]:
 
 
 def task_kind(rows: list[dict], task: str) -> str | None:
-    """"accuracy", "similarity" or None (no value at all) for one task."""
+    """One task's kind as its rows store it ("accuracy", "similarity", "multiple-choice"); for rows stored
+    before the `kind` column, "accuracy" or "similarity" by which value is set, or None (no value at all)."""
     mine = [r for r in rows if r["task"] == task]
+    stored = next((r["kind"] for r in mine if r.get("kind")), None)
+    if stored is not None:
+        return stored
     if any(r.get("accuracy") is not None for r in mine):
         return "accuracy"
     if any(r.get("similarity") is not None for r in mine):
@@ -119,7 +123,7 @@ def task_kind(rows: list[dict], task: str) -> str | None:
 
 
 def accuracy_tasks(rows: list[dict]) -> list[str]:
-    return [t for t in tasks(rows) if task_kind(rows, t) == "accuracy"]
+    return [t for t in tasks(rows) if task_kind(rows, t) in ACCURACY_KINDS]
 
 
 def similarity_tasks(rows: list[dict]) -> list[str]:
@@ -306,28 +310,29 @@ def loss_grid(rows: list[dict], task: str) -> Grid:
 
 
 def with_similarity_mean(rows: list[dict]) -> list[dict]:
-    """`rows` plus one synthetic row per variant holding the mean of its squad-sim and dialogue-sim.
+    """`rows` plus one synthetic row per variant holding the mean of its similarity tasks (the paper's
+    semantic similarity: squad-sim and dialogue-sim).
 
-    The mean (the paper's semantic similarity) is only formed where a variant has both tasks.
+    The mean is only formed where there are at least two similarity tasks and a variant has them all.
     """
+    sims = similarity_tasks(rows)
     by_variant: dict[str, dict[str, dict]] = {}
     for r in rows:
-        if r["task"] in SIMILARITY_TASKS and r.get("similarity") is not None:
+        if r["task"] in sims and r.get("similarity") is not None:
             by_variant.setdefault(r["variant"], {})[r["task"]] = r
     extra = []
     for variant, per_task in by_variant.items():
-        if len(per_task) == len(SIMILARITY_TASKS):
-            first = per_task[SIMILARITY_TASKS[0]]
+        if len(sims) > 1 and len(per_task) == len(sims):
+            first = per_task[sims[0]]
             extra.append({**first, "task": SIMILARITY_MEAN, "accuracy": None,
                           "similarity": sum(r["similarity"] for r in per_task.values()) / len(per_task)})
     return rows + extra
 
 
 def similarity_grids(rows: list[dict], recovered: bool = False) -> list[Grid]:
-    """Distractor similarity per strategy x ratio: squad-sim, dialogue-sim and their mean."""
+    """Distractor similarity per strategy x ratio: each similarity task (squad-sim, dialogue-sim) and their mean."""
     rows = with_similarity_mean(rows)
-    names = [t for t in similarity_tasks(rows) if t in SIMILARITY_TASKS] + \
-            [t for t in similarity_tasks(rows) if t not in SIMILARITY_TASKS and t != SIMILARITY_MEAN]
+    names = [t for t in similarity_tasks(rows) if t != SIMILARITY_MEAN]
     if any(r["task"] == SIMILARITY_MEAN for r in rows):
         names.append(SIMILARITY_MEAN)
     out = []
@@ -363,7 +368,7 @@ def scorer_summary(rows: list[dict]) -> list[SummaryColumn]:
         out.append(SummaryColumn(f"{t} acc (%)", 1, scorer_grid(rows, t)))
         out.append(SummaryColumn(f"{t} trap (%)", 1, scorer_grid(rows, t, lambda r: r.get("trap_pct"),
                                                                  (baseline_row(rows, t) or {}).get("trap_pct"))))
-    sims = [t for t in SIMILARITY_TASKS if t in similarity_tasks(rows)]
+    sims = [t for t in similarity_tasks(rows) if t != SIMILARITY_MEAN]
     if any(r["task"] == SIMILARITY_MEAN for r in rows):
         sims.append(SIMILARITY_MEAN)
     for t in sims:
@@ -612,7 +617,7 @@ def build_report(study: Study, reference: str | Path | None = None) -> Report:
             rep.scorers[t] = scorer_grid(rows, t)
     for t in tasks(rows):  # accuracy tasks with trap data, other tasks only where some trap occurred
         trap = [r.get("trap_pct") for r in rows if r["task"] == t and not is_baseline(r)]
-        if any(v is not None for v in trap) and (task_kind(rows, t) == "accuracy" or any(v for v in trap)):
+        if any(v is not None for v in trap) and (task_kind(rows, t) in ACCURACY_KINDS or any(v for v in trap)):
             rep.traps[t] = trap_grids(rows, t)
     rep.similarity = similarity_grids(rows)
     rep.layers = layer_table(study.layers)
