@@ -150,3 +150,20 @@ def test_eval_multiple_choice_task(tiny_dir, tmp_path, capsys):
     assert len((tmp_path / "ev" / "mc-arc-easy.jsonl").read_text().splitlines()) == 3
     code, _, err = run(["eval", "--model", tiny_dir, "--tasks", "mc:arc-hard", "--out", tmp_path / "ev"], capsys)
     assert code == 2 and "unknown multiple-choice set 'arc-hard'" in err
+
+
+def test_a_new_multiple_choice_set_is_one_registry_entry(tiny_dir, tmp_path, capsys):
+    """mc:siqa (Social IQa) was added as one MC_SETS entry in data/multiple_choice.py: the task, its
+    records file, the summary and --help follow from it."""
+    (tmp_path / "data" / "siqa").mkdir(parents=True)
+    row = {"context": "Tracy stayed out.", "question": "What will Tracy do?", "answerA": "sleep",
+           "answerB": "go home", "answerC": "eat", "label": "2"}
+    (tmp_path / "data" / "siqa" / "validation.jsonl").write_text("".join(json.dumps(row) + "\n" for _ in range(2)))
+    code, out, err = run(["eval", "--model", tiny_dir, "--tasks", "mc:siqa", "--speed-prompts", 0, "--dtype",
+                          "float32", "--data-dir", tmp_path / "data", "--out", tmp_path / "ev"], capsys)
+    assert code == 0, err
+    task = json.loads((tmp_path / "ev" / "summary.json").read_text())["tasks"]["mc:siqa"]
+    assert task["n"] == 2 and task["kind"] == "multiple-choice" and task["accuracy"] == task["acc"]
+    assert len((tmp_path / "ev" / "mc-siqa.jsonl").read_text().splitlines()) == 2
+    code, out, _ = run(["eval", "--help"], capsys)
+    assert "mc:siqa" in " ".join(out.split())

