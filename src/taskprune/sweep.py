@@ -205,9 +205,13 @@ class Study:
             sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
             # The baseline is its own reference; every other variant is compared with the baseline's answers.
             refs = None if variant == "base" else {task: self._references(task)}
-            # The variant names the model: a recovery redone after a crash may differ in the last bits.
+            # The variant names the model (a recovery redone after a crash may differ in the last bits), with
+            # the dtype it runs in: `dtype: auto` resumed on a machine without native bf16 picks fp32, and its
+            # records must not be mixed with bf16 ones.
+            identity = {"study": self.cfg.hash(), "variant": variant,
+                        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
             summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
-                               progress=self.progress, identity={"study": self.cfg.hash(), "variant": variant})
+                               progress=self.progress, identity=identity)
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
             items = item_scores(get_task(task), out)
