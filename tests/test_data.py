@@ -105,3 +105,4 @@ def test_data_layer_does_not_import_evaluation():
             "print(sorted(m for m in sys.modules if m.startswith('taskprune.evaluate')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
