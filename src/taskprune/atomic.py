@@ -81,26 +81,25 @@ def check_writable(path: str | Path) -> None:
         raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
-def as_os_error(err: BaseException, path: str | Path) -> BaseException:
-    """A safetensors write error that is really the file system's (full, read-only, no permission) as the
-    `OSError` it wraps, so that it is reported like any other; other errors are returned unchanged."""
-    match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
-    if type(err).__name__ != "SafetensorError" or match is None:
-        return err
-    return OSError(int(match.group(2)), match.group(1), str(path))
+@contextmanager
+def os_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise a safetensors write error that is really the file system's (full, read-only, no
+    permission) as the `OSError` it wraps, naming `path`, so that it is reported like any other."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - only safetensors' I/O errors are translated
+        match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(err))
+        if type(err).__name__ != "SafetensorError" or match is None:
+            raise
+        raise OSError(int(match.group(2)), match.group(1), str(path)) from None
 
 
 def save_tensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """`safetensors.torch.save_file` with file system errors as `OSError` and the user's umask."""
     from safetensors.torch import save_file
 
-    try:
+    with os_errors(path):
         save_file(tensors, str(path), metadata=metadata)
-    except Exception as err:  # noqa: BLE001 - only safetensors' I/O errors are translated
-        translated = as_os_error(err, path)
-        if translated is err:
-            raise
-        raise translated from None
     os.chmod(path, 0o666 & ~_umask())
 
 
@@ -134,13 +133,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False, kind: str | None = Non
         raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         mask = _umask()
-        try:
+        with os_errors(path):
             yield tmp
-        except Exception as err:  # noqa: BLE001 - only safetensors' I/O errors are translated
-            translated = as_os_error(err, path)
-            if translated is err:
-                raise
-            raise translated from None
         for root, dirs, files in os.walk(tmp):  # safetensors and mkdtemp write 0600/0700
             for name in files:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)

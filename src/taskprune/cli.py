@@ -25,7 +25,8 @@ from pathlib import Path
 from taskprune import __version__
 from taskprune.atomic import check_replaceable
 
-EPILOG = "Models: a hub id, a local HF directory, a .gguf file, or a packaged name (smollm2-135m, qwen2.5-coder-0.5b)."
+EPILOG = ("Models: a hub id, a local HF directory, a .gguf file, or a packaged name (smollm2-135m, "
+          "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b).")
 
 
 def _split_sets(values: list[str] | None) -> list[str]:
@@ -290,7 +291,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from taskprune.atomic import check_replaceable
     from taskprune.evaluate.references import reference_outputs, reference_spec
     from taskprune.evaluate.runner import EvalSettings, evaluate
     from taskprune.evaluate.tasks import get_task
