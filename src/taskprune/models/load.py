@@ -227,6 +227,19 @@ def _check_local_dir(path: Path) -> None:
         raise ModelLoadError(f"{config} has no model_type: the checkpoint is damaged; copy or save it again")
 
 
+def _gguf_source(spec: str, cache_dir: Path) -> tuple[list[Path], Path, str] | None:
+    """(GGUF parts, their converted cache directory, kind) for a packaged name or a .gguf file, else None."""
+    if spec in PACKAGED:
+        parts = packaged_gguf_parts(spec)
+        return parts, _gguf_cache_dir(parts, cache_dir, spec), "packaged"
+    path = Path(spec).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    return [path], _gguf_cache_dir([path], cache_dir, path.stem), "gguf"
+
+
 def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, dict]:
     """Turn a model spec into something `from_pretrained` loads, plus a record of its source.
 
@@ -234,23 +247,16 @@ def resolve_model_path(spec: str, cache_dir: Path | None = None) -> tuple[str, d
     used; with HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE it must already be in the Hugging Face cache.
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    if spec in PACKAGED:
-        parts = packaged_gguf_parts(spec)
-        target = _gguf_cache_dir(parts, cache_dir, spec)
+    gguf = _gguf_source(spec, cache_dir)
+    if gguf is not None:
+        parts, target, kind = gguf
         if not (target / "config.json").is_file():
-            print(f"Converting packaged {PACKAGED[spec].description} to safetensors in {target} (once)")
+            what = f"packaged {PACKAGED[spec].description}" if kind == "packaged" else str(parts[0])
+            print(f"Converting {what} to safetensors in {target} (once)")
             convert_gguf(parts, target)
-        return str(target), {"spec": spec, "kind": "packaged", "revision": _packaged_version(spec),
-                             "path": str(target)}
+        revision = _packaged_version(spec) if kind == "packaged" else None
+        return str(target), {"spec": spec, "kind": kind, "revision": revision, "path": str(target)}
     path = Path(spec).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
-        target = _gguf_cache_dir([path], cache_dir, path.stem)
-        if not (target / "config.json").is_file():
-            print(f"Converting {path} to safetensors in {target} (once)")
-            convert_gguf([path], target)
-        return str(target), {"spec": spec, "kind": "gguf", "revision": None, "path": str(target)}
     if path.is_dir():
         _check_local_dir(path)
         return str(path), {"spec": spec, "kind": "local", "revision": None, "path": str(path.resolve())}
@@ -281,30 +287,22 @@ def model_d_ff(spec: str, cache_dir: Path | None = None) -> int | None:
     Raises what `load_model` would for a spec that does not exist or an unsupported architecture.
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    if spec in PACKAGED:
-        target = _gguf_cache_dir(packaged_gguf_parts(spec), cache_dir, spec)
-        if not (target / "config.json").is_file():
-            return PACKAGED[spec].d_ff
+    gguf = _gguf_source(spec, cache_dir)
+    if gguf is not None:
+        _, target, kind = gguf
+        if not (target / "config.json").is_file():  # not converted yet: the packaged entry knows its width
+            return PACKAGED[spec].d_ff if kind == "packaged" else None
         path = str(target)
     else:
-        p = Path(spec).expanduser()
-        if p.suffix == ".gguf":
-            if not p.is_file():
-                raise ModelLoadError(f"GGUF file {p} does not exist")
-            target = _gguf_cache_dir([p], cache_dir, p.stem)
-            if not (target / "config.json").is_file():
-                return None
-            path = str(target)
-        else:
-            path, source = resolve_model_path(spec, cache_dir)
-            if source["kind"] == "hub":
-                try:
-                    config = AutoConfig.from_pretrained(path, **({"local_files_only": True} if hub_offline() else {}))
-                except (OSError, ValueError) as err:
-                    raise _load_error(spec, source, err, damaged=False) from None
-                get_adapter(config.model_type)
-                d_ff = getattr(config, "intermediate_size", None)
-                return d_ff if isinstance(d_ff, int) else None
+        path, source = resolve_model_path(spec, cache_dir)
+        if source["kind"] == "hub":
+            try:
+                config = AutoConfig.from_pretrained(path, **({"local_files_only": True} if hub_offline() else {}))
+            except (OSError, ValueError) as err:
+                raise _load_error(spec, source, err, damaged=False) from None
+            get_adapter(config.model_type)
+            d_ff = getattr(config, "intermediate_size", None)
+            return d_ff if isinstance(d_ff, int) else None
     data = json.loads((Path(path) / "config.json").read_text())
     get_adapter(data["model_type"])
     d_ff = data.get("intermediate_size")
