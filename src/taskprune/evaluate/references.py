@@ -3,14 +3,14 @@ and cached per model, task and settings under `<cache>/references/`."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
-from taskprune.evaluate.runner import EvalSettings, generate_records
+from taskprune.evaluate import provenance
+from taskprune.evaluate.runner import EvalSettings, generate_records, model_identity
 from taskprune.evaluate.tasks import get_task
-from taskprune.models import config_hash, load_model, weights_fingerprint
+from taskprune.models import load_model
 from taskprune.models.load import default_cache_dir
 
 
@@ -31,15 +31,15 @@ def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, 
         return {}
     lm = load_model(spec, dtype, device, cache_dir)
     ref_settings = replace(settings, trap_budget=0, stop_at_boxed=False)
+    identity = model_identity(lm)
     out = {}
     for name in names:
         task = get_task(name)
         if settings.max_new_tokens:
             task = replace(task, max_new_tokens=settings.max_new_tokens)
         examples = task.examples(settings.data_dir, settings.limit)
-        key = json.dumps([spec, config_hash(lm.model.config), weights_fingerprint(lm.model), str(lm.model.dtype),
-                          name, task.max_new_tokens, [ex.id for ex in examples]])
-        made_by = hashlib.sha256(key.encode()).hexdigest()[:16]
+        made_by = provenance.key({"spec": spec, "model": identity, "task": name,
+                                  "max_new_tokens": task.max_new_tokens, "items": [ex.id for ex in examples]})
         path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "references" / f"{made_by}-{name}.jsonl"
         if progress:
             print(f"reference outputs for {name} from {spec}: {path}")
