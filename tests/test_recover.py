@@ -180,6 +180,13 @@ def test_loss_goes_down(full_run):
     assert full_run[1]["mean_loss"] == pytest.approx(sum(losses) / 6)
 
 
+def test_pinned_losses(full_run):
+    """The seeded tiny run in fp32, as measured before recover() was split into units."""
+    record = full_run[1]
+    assert record["losses"][:4] == pytest.approx([5.632764, 5.431520, 5.352450, 5.298539], rel=1e-4)
+    assert record["final_loss"] == pytest.approx(5.243743, rel=1e-4)
+
+
 def test_resume_gives_the_uninterrupted_result(full_run, base, pairs_file, tmp_path):
     out = tmp_path / "resumed"
     kwargs = dict(config=TINY, data=str(pairs_file), dtype="float32", device="cpu", progress=False)
