@@ -1,5 +1,7 @@
 """Scorers against hand computations: weights straight from the Linear layers, activations from a
-hook of the test's own (one prompt at a time, no padding), and the clear errors."""
+hook of the test's own (one prompt at a time, no padding), the clear errors, and the registry's records."""
+
+import inspect
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from taskprune.models import get_adapter
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
 from taskprune.plan import make_plan
 from taskprune.profile import Profile, ProfileError
-from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, SCORERS, score
+from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, SCORERS, score, scorer_help
 
 TARGET = ["Janet has 3 apples and buys 5 more.", "What is 12 * 7?", "A train goes 60 km in 1.5 hours."]
 D1 = ["def add(a, b):\n    return a + b", "for i in range(10): print(i)"]
@@ -168,3 +170,42 @@ def test_clear_errors(setup):
     for name in ("taskaware", "specific-importance"):
         with pytest.raises(ValueError, match="needs at least one distractor"):
             score(name, lonely, model=model, adapter=adapter)
+
+
+def test_needs_are_read_from_the_records():
+    assert NEEDS_MODEL == frozenset({"magnitude", "wanda-sp", "flap", "taskaware", "specific-importance"})
+    assert NEEDS_GRADIENTS == {"taylor": "taylor", "taylor-abs": "taylor", "ig": "ig"}
+    for name, spec in SCORERS.items():  # a scorer takes the model exactly when its record says it needs it
+        assert ("model" in inspect.signature(spec.fn).parameters) == spec.needs_model, name
+    assert SCORERS["taskaware"].options == {"distractors", "tau", "gamma"}
+    assert SCORERS["specific-importance"].options == {"distractors", "lam"}
+    assert SCORERS["selectivity"].options == {"distractors"} and not SCORERS["wanda-sp"].options
+
+
+def test_unknown_option_raises(setup):
+    model, _, adapter, profile = setup
+    with pytest.raises(ValueError, match=r"scorer 'selectivity' does not take option\(s\) tau; its options: distractors"):
+        score("selectivity", profile, tau=0.1)
+    with pytest.raises(ValueError, match=r"scorer 'taskaware' does not take option\(s\) lam, typo; "
+                                         r"its options: distractors, gamma, tau"):
+        score("taskaware", profile, model=model, adapter=adapter, typo=1, lam=2.0)
+    with pytest.raises(ValueError, match=r"scorer 'activation' does not take option\(s\) distractors; its options: none"):
+        score("activation", profile, distractors=["d1"])
+    # model= and adapter= are accepted by every scorer (callers pass them whatever the scorer), read where needed
+    torch.testing.assert_close(score("activation", profile, model=model, adapter=adapter), score("activation", profile))
+    torch.testing.assert_close(score("selectivity", profile, model=None, adapter=None, distractors=["d1"]),
+                               score("selectivity", profile, distractors=["d1"]))
+    with pytest.raises(ValueError, match="scorer 'flap' needs the model's weights: pass model="):
+        score("flap", profile, model=None, adapter=adapter)
+    with pytest.raises(ValueError, match="unknown scorer 'nope'; available: selectivity, activation"):
+        score("nope", profile)
+
+
+def test_help_lists_every_scorer():
+    lines = scorer_help().splitlines()
+    assert [line.split()[0] for line in lines] == list(SCORERS)
+    for line, (name, spec) in zip(lines, SCORERS.items()):
+        assert spec.help in line
+        assert ("[needs the model" in line) == (name in NEEDS_MODEL)
+        assert (f"needs --gradients {NEEDS_GRADIENTS.get(name)}" in line) == (name in NEEDS_GRADIENTS)
+    assert lines[-2].endswith("[needs the model; options: distractors, gamma, tau]")

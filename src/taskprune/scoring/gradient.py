@@ -8,19 +8,19 @@ from taskprune.profile import Profile, ProfileError
 from taskprune.scoring.common import extra
 
 
-def taylor(profile: Profile, **_) -> torch.Tensor:
+def taylor(profile: Profile) -> torch.Tensor:
     """`|sum over target tokens of h_j * dL/dh_j| / tokens`: LLM-Pruner's first-order estimate of the
     loss change when neuron j is removed (the gradient summed over the data before the absolute value)."""
     return extra("taylor", profile, "taylor.hg", "taylor").abs() / extra("taylor", profile, "taylor.tokens", "taylor")
 
 
-def taylor_abs(profile: Profile, **_) -> torch.Tensor:
+def taylor_abs(profile: Profile) -> torch.Tensor:
     """`sum over target tokens of |h_j * dL/dh_j| / tokens` (per-token sensitivity, no cancellation)."""
     tokens = extra("taylor-abs", profile, "taylor.tokens", "taylor")
     return extra("taylor-abs", profile, "taylor.abs", "taylor") / tokens
 
 
-def ig(profile: Profile, **_) -> torch.Tensor:
+def ig(profile: Profile) -> torch.Tensor:
     """Mean Integrated-Gradients attribution per selected (high-confidence) prediction, signed.
 
     High = the neuron supports the model's confident predictions on the target. Under `selective`

@@ -8,7 +8,7 @@ from taskprune.profile import Profile
 from taskprune.scoring.common import require_model, row_norms
 
 
-def magnitude(profile: Profile, model=None, adapter=None, **_) -> torch.Tensor:
+def magnitude(profile: Profile, model=None, adapter=None) -> torch.Tensor:
     """`||W_gate[j, :]||_2 * ||W_up[j, :]||_2 * ||W_down[:, j]||_2`, float64 `[layers, d_ff]`.
 
     The product, not the sum: it is invariant to the exact symmetry `W_up[j] *= c, W_down[:, j] /= c`

@@ -27,7 +27,7 @@ def pooled_std(stats: list[SetStats]) -> torch.Tensor:
     return var.clamp(min=0).sqrt()
 
 
-def selectivity(profile: Profile, distractors: list[str] | None = None, **_) -> torch.Tensor:
+def selectivity(profile: Profile, distractors: list[str] | None = None) -> torch.Tensor:
     """`S = (mu_target - mu_distractor) / (sigma_pooled + 1e-6)`, float64 `[layers, d_ff]`.
 
     `mu` are means over prompts of the prompt-level mean |h|; the distractor sets are pooled
@@ -47,6 +47,6 @@ def selectivity(profile: Profile, distractors: list[str] | None = None, **_) -> 
     return (target.mean - distractor.mean) / (sigma + EPS)
 
 
-def activation(profile: Profile, **_) -> torch.Tensor:
+def activation(profile: Profile) -> torch.Tensor:
     """Mean target activation (mean over prompts of the prompt-level mean |h|); low is pruned first."""
     return profile.stats[profile.target].mean.clone()

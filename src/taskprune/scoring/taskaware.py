@@ -25,7 +25,7 @@ def _importances(name, profile, model, adapter, distractors):
 
 
 def taskaware(profile: Profile, model=None, adapter=None, distractors: list[str] | None = None,
-              tau: float = 0.3, gamma: float = 0.5, **_) -> torch.Tensor:
+              tau: float = 0.3, gamma: float = 0.5) -> torch.Tensor:
     """Task-aware fusion (a reading of arXiv 2510.22489; see docs/scorers.md).
 
     `r_j = |n_task - n_gen| / max(n_task, n_gen)` (activation RMS). Shared (`r <= tau`):
@@ -44,7 +44,7 @@ def taskaware(profile: Profile, model=None, adapter=None, distractors: list[str]
 
 
 def specific_importance(profile: Profile, model=None, adapter=None, distractors: list[str] | None = None,
-                        lam: float = 1.0, **_) -> torch.Tensor:
+                        lam: float = 1.0) -> torch.Tensor:
     """`t - lam * relu(d - t)` with `t = I_task / mean_layer(I_task)`, `d = I_gen / mean_layer(I_gen)`.
 
     Neurons that matter for the target keep their (layer-normalised) target importance; neurons that
