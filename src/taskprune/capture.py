@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskprune.models.adapters import MLPAdapter
+from taskprune.models.adapters import MLPAdapter, down_proj_hooks
+from taskprune.models.batch import pad_batch
 
 
 @dataclass
@@ -54,7 +55,7 @@ class SetStats:
 
 
 class _Recorder:
-    """Forward pre-hooks on every `down_proj` that fold one batch into a `SetStats`."""
+    """Folds each `down_proj` input of the batch in flight into a `SetStats` (see `down_proj_hooks`)."""
 
     def __init__(self, stats: SetStats, keep_per_prompt: bool):
         self.stats = stats
@@ -62,25 +63,23 @@ class _Recorder:
         self.mask: torch.Tensor | None = None  # [B, T] of the batch in flight
         self.batch_rows: list[torch.Tensor | None] = []  # per layer, [B, d_ff] prompt means
 
-    def hook(self, layer: int):
-        def pre_hook(module: nn.Module, args: tuple) -> None:
-            h = args[0]  # [B, T, d_ff]
-            if h.dtype not in (torch.float32, torch.bfloat16, torch.float64):
-                h = h.float()  # fp16 sums over tokens could overflow
-            m = self.mask.to(h.dtype).unsqueeze(1)  # [B, 1, T]
-            # Masked sums over tokens as batched mat-vec products: one read of each tensor, no
-            # float32 copy of h (on bf16 models each sum is rounded once to bf16, ~0.4%, the
-            # precision h itself has; fp32 models are exact). Accumulation is float64 from here.
-            per_prompt_abs = torch.bmm(m, h.abs()).squeeze(1).double()  # [B, d_ff]
-            prompt_mean = per_prompt_abs / self.mask.sum(1, keepdim=True).double()
-            s = self.stats
-            s.sum[layer] += prompt_mean.sum(0).cpu()
-            s.sumsq[layer] += prompt_mean.square().sum(0).cpu()
-            s.tok_sum[layer] += torch.bmm(m, h).squeeze(1).double().sum(0).cpu()
-            s.tok_sumsq[layer] += torch.bmm(m, h.square()).squeeze(1).double().sum(0).cpu()
-            if self.keep_per_prompt:
-                self.batch_rows[layer] = prompt_mean.float().cpu()
-        return pre_hook
+    def record(self, layer: int, h: torch.Tensor) -> None:
+        """Fold `h` [B, T, d_ff], the input of layer `layer`'s `down_proj`, into the statistics."""
+        if h.dtype not in (torch.float32, torch.bfloat16, torch.float64):
+            h = h.float()  # fp16 sums over tokens could overflow
+        m = self.mask.to(h.dtype).unsqueeze(1)  # [B, 1, T]
+        # Masked sums over tokens as batched mat-vec products: one read of each tensor, no
+        # float32 copy of h (on bf16 models each sum is rounded once to bf16, ~0.4%, the
+        # precision h itself has; fp32 models are exact). Accumulation is float64 from here.
+        per_prompt_abs = torch.bmm(m, h.abs()).squeeze(1).double()  # [B, d_ff]
+        prompt_mean = per_prompt_abs / self.mask.sum(1, keepdim=True).double()
+        s = self.stats
+        s.sum[layer] += prompt_mean.sum(0).cpu()
+        s.sumsq[layer] += prompt_mean.square().sum(0).cpu()
+        s.tok_sum[layer] += torch.bmm(m, h).squeeze(1).double().sum(0).cpu()
+        s.tok_sumsq[layer] += torch.bmm(m, h.square()).squeeze(1).double().sum(0).cpu()
+        if self.keep_per_prompt:
+            self.batch_rows[layer] = prompt_mean.float().cpu()
 
 
 @torch.inference_mode()
@@ -94,45 +93,32 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
     """
     if not texts:
         raise ValueError("capture needs at least one text")
-    mlps = adapter.mlps(model)
-    d_ff = adapter.down_proj(mlps[0]).in_features
-    stats = SetStats.zeros(len(mlps), d_ff)
+    layers, d_ff = len(adapter.mlps(model)), adapter.d_ff(model)
+    stats = SetStats.zeros(layers, d_ff)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     stats.truncated = sum(len(ids) > max_length for ids in encoded)
     encoded = [ids[:max_length] or [tokenizer.eos_token_id] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    per_prompt = torch.zeros(len(texts), len(mlps), d_ff) if keep_per_prompt else None
+    per_prompt = torch.zeros(len(texts), layers, d_ff) if keep_per_prompt else None
 
     recorder = _Recorder(stats, keep_per_prompt)
-    handles = [adapter.down_proj(mlp).register_forward_pre_hook(recorder.hook(i)) for i, mlp in enumerate(mlps)]
     device = next(model.parameters()).device
-    decoder = getattr(model, model.base_model_prefix, model)  # the LM head is not needed
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    try:
-        with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    n = len(encoded[i])
-                    cols = slice(0, n) if padding_side == "right" else slice(width - n, width)
-                    ids[row, cols] = torch.tensor(encoded[i])
-                    mask[row, cols] = 1
-                position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-                recorder.mask = mask.to(device)
-                recorder.batch_rows = [None] * len(mlps)
-                decoder(input_ids=ids.to(device), attention_mask=recorder.mask,
-                        position_ids=position_ids.to(device), use_cache=False)
-                stats.n += len(batch)
-                stats.tokens += int(mask.sum())
-                if per_prompt is not None:
-                    per_prompt[batch] = torch.stack(recorder.batch_rows, dim=1)
-                bar.update(len(batch))
-                bar.set_postfix(tokens=stats.tokens)
-    finally:
-        for h in handles:
-            h.remove()
+    decoder = adapter.decoder(model)  # the LM head is not needed
+    pad_id = adapter.pad_id(tokenizer)
+    with down_proj_hooks(model, adapter, recorder.record), \
+            tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = pad_batch([encoded[i] for i in rows], pad_id, padding_side).to(device)
+            recorder.mask = batch.attention_mask
+            recorder.batch_rows = [None] * layers
+            decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+            stats.n += len(rows)
+            stats.tokens += int(batch.attention_mask.sum())
+            if per_prompt is not None:
+                per_prompt[rows] = torch.stack(recorder.batch_rows, dim=1)
+            bar.update(len(rows))
+            bar.set_postfix(tokens=stats.tokens)
     stats.per_prompt = per_prompt
     return stats

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from taskprune.models.adapters import MLPAdapter, decoder_layers
+from taskprune.models.adapters import MLPAdapter, down_proj_hooks
+from taskprune.models.batch import PaddedBatch, pad_batch
 
 KINDS = ("taylor", "ig")
 IG_POSITIONS = ("all", "answer")
@@ -43,16 +44,6 @@ def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]
     """Token ids exactly as `capture` makes them (no special tokens added, cut to `max_length`)."""
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
     return [ids or [tokenizer.eos_token_id] for ids in encoded]
-
-
-def _batch(encoded: list[list[int]], rows: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(encoded[i]) for i in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, i in enumerate(rows):
-        ids[r, :len(encoded[i])] = torch.tensor(encoded[i])
-        mask[r, :len(encoded[i])] = 1
-    return ids, mask
 
 
 class _FrozenParams:
@@ -71,28 +62,22 @@ class _FrozenParams:
             p.requires_grad_(flag)
 
 
-def _forward(model, ids, mask, **kwargs):
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs).logits
+def _forward(model, batch: PaddedBatch, **kwargs):
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 use_cache=False, **kwargs).logits
 
 
-def _taylor_batch(model, adapter, mlps, ids, mask, acc: dict) -> None:
+def _taylor_batch(model, adapter, batch: PaddedBatch, acc: dict) -> None:
     """One forward+backward: accumulate sum h*g and sum |h*g| over valid tokens, for every layer."""
-    hs: list[torch.Tensor | None] = [None] * len(mlps)
+    hs: list[torch.Tensor | None] = [None] * len(adapter.mlps(model))
 
-    def record(layer):
-        def pre_hook(module, args):
-            hs[layer] = args[0]
-        return pre_hook
+    def record(layer: int, h: torch.Tensor) -> None:
+        hs[layer] = h
 
     emb = model.get_input_embeddings()
-    handles = [emb.register_forward_hook(lambda m, a, out: out.requires_grad_())]
-    handles += [adapter.down_proj(mlp).register_forward_pre_hook(record(i)) for i, mlp in enumerate(mlps)]
-    try:
-        logits = _forward(model, ids, mask)
-    finally:
-        for h in handles:
-            h.remove()
+    with emb.register_forward_hook(lambda m, a, out: out.requires_grad_()), down_proj_hooks(model, adapter, record):
+        logits = _forward(model, batch)
+    ids, mask = batch.input_ids, batch.attention_mask
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
                            reduction="sum")
@@ -146,10 +131,10 @@ class _SkipLowerLayers:
                 m.forward = forward
 
 
-def _layer_inputs(model, ids, mask) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+def _layer_inputs(model, adapter, batch: PaddedBatch) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
     """One unscaled forward: logits, each decoder layer's input hidden states, and whether layers
     return tuples (older transformers) or tensors."""
-    layers = decoder_layers(model)
+    layers = adapter.layers(model)
     inputs: list = [None] * len(layers)
     out_tuple: list[bool] = []
 
@@ -161,52 +146,48 @@ def _layer_inputs(model, ids, mask) -> tuple[torch.Tensor, list[torch.Tensor], b
     handles = [m.register_forward_pre_hook(record(i), with_kwargs=True) for i, m in enumerate(layers)]
     handles.append(layers[0].register_forward_hook(lambda m, a, out: out_tuple.append(isinstance(out, tuple))))
     try:
-        logits = _forward(model, ids, mask)
+        logits = _forward(model, batch)
     finally:
         for h in handles:
             h.remove()
     return logits, inputs, out_tuple[0]
 
 
-def _ig_batch(model, adapter, mlps, ids, mask, starts, steps, threshold, acc: dict) -> None:
+def _ig_batch(model, adapter, batch: PaddedBatch, starts, steps, threshold, acc: dict) -> None:
     """IG of F = sum of the greedy log-probabilities at the selected positions, layer by layer.
 
     Each step computes only what depends on the scale: the layers from the scaled one up (see
     `_SkipLowerLayers`) and the head's logits at the columns holding a selected position."""
     with torch.no_grad():
-        logits, inputs, as_tuple = _layer_inputs(model, ids, mask)
-        y, sel = _selected_positions(logits, mask, starts, threshold)
+        logits, inputs, as_tuple = _layer_inputs(model, adapter, batch)
+        y, sel = _selected_positions(logits, batch.attention_mask, starts, threshold)
         del logits
     count = int(sel.sum())
     if count == 0:
         return
     cols = sel.any(0).nonzero().flatten()  # sorted, so sel[:, cols] keeps sel's row-major order
     sel_kept, y_sel = sel[:, cols], y[sel]
-    skip = _SkipLowerLayers(decoder_layers(model), inputs, as_tuple)
+    skip = _SkipLowerLayers(adapter.layers(model), inputs, as_tuple)
     state: dict = {}
 
-    def scale_hook(module, args):
-        h = args[0].detach()
+    def scale(layer: int, h: torch.Tensor) -> torch.Tensor:
+        h = h.detach()
         h_sel = h[sel]  # [count, d_ff]
         state["h"] = h_sel
         state["x"] = (state["alpha"] * h_sel).requires_grad_(True)
-        return (h.index_put((sel,), state["x"]),)
+        return h.index_put((sel,), state["x"])
 
-    for layer, mlp in enumerate(mlps):
+    for layer in range(len(inputs)):
         grad_sum = None
-        handle = adapter.down_proj(mlp).register_forward_pre_hook(scale_hook)
-        try:
-            with skip(layer):
-                for k in range(steps):
-                    state["alpha"] = (k + 0.5) / steps
-                    logits = _forward(model, ids, mask, logits_to_keep=cols)
-                    logp = logits[sel_kept].float().log_softmax(-1)  # [count, vocab]
-                    f = logp.gather(-1, y_sel.unsqueeze(-1)).sum()
-                    (g,) = torch.autograd.grad(f, state["x"])
-                    g = g.double()
-                    grad_sum = g if grad_sum is None else grad_sum + g
-        finally:
-            handle.remove()
+        with down_proj_hooks(model, adapter, scale, layers=[layer]), skip(layer):
+            for k in range(steps):
+                state["alpha"] = (k + 0.5) / steps
+                logits = _forward(model, batch, logits_to_keep=cols)
+                logp = logits[sel_kept].float().log_softmax(-1)  # [count, vocab]
+                f = logp.gather(-1, y_sel.unsqueeze(-1)).sum()
+                (g,) = torch.autograd.grad(f, state["x"])
+                g = g.double()
+                grad_sum = g if grad_sum is None else grad_sum + g
         acc["ig.sum"][layer] += (state["h"].double() * grad_sum / steps).sum(0).cpu()
     acc["ig.positions"] += float(count)
 
@@ -247,8 +228,7 @@ def gradient_stats(model: nn.Module, tokenizer, texts: Sequence[str], adapter: M
     else:
         starts_all = [0] * len(encoded)
 
-    mlps = adapter.mlps(model)
-    layers, d_ff = len(mlps), adapter.down_proj(mlps[0]).in_features
+    layers, d_ff = len(adapter.mlps(model)), adapter.d_ff(model)
     z = lambda: torch.zeros(layers, d_ff, dtype=torch.float64)  # noqa: E731
     acc: dict[str, torch.Tensor] = {}
     if "taylor" in kinds:
@@ -257,7 +237,7 @@ def gradient_stats(model: nn.Module, tokenizer, texts: Sequence[str], adapter: M
         acc.update({"ig.sum": z(), "ig.positions": torch.zeros(1, dtype=torch.float64)})
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = adapter.pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     was_training = model.training
     model.eval()
@@ -266,13 +246,12 @@ def gradient_stats(model: nn.Module, tokenizer, texts: Sequence[str], adapter: M
                 tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                ids, mask = _batch(encoded, rows, pad)
-                ids, mask = ids.to(device), mask.to(device)
+                batch = pad_batch([encoded[i] for i in rows], pad_id).to(device)
                 if "taylor" in kinds:
-                    _taylor_batch(model, adapter, mlps, ids, mask, acc)
+                    _taylor_batch(model, adapter, batch, acc)
                 if "ig" in kinds:
                     starts = torch.tensor([starts_all[i] for i in rows], device=device)
-                    _ig_batch(model, adapter, mlps, ids, mask, starts, ig_steps, ig_threshold, acc)
+                    _ig_batch(model, adapter, batch, starts, ig_steps, ig_threshold, acc)
                 bar.update(len(rows))
                 if "ig" in kinds:
                     bar.set_postfix(ig_positions=int(acc["ig.positions"]))

@@ -70,6 +70,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from taskprune.models.adapters import model_adapter
+from taskprune.models.batch import pad_batch
+
 __all__ = ["GenerationRecord", "generate", "eos_token_ids"]
 
 
@@ -139,18 +142,6 @@ def _cache_kwarg(model) -> str:
     """Name of the forward argument taking the KV cache (``cache`` since transformers 5.x)."""
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _pad_left(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(input_ids, attention_mask)`` tensors of shape ``[B, max_len]``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, seq in enumerate(seqs):
-        if seq:
-            ids[r, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[r, width - len(seq) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -238,13 +229,13 @@ def _prefill(
 
     Returns the batch (``next_tokens`` unset) and the greedy next token of every row.
     """
-    ids, mask = _pad_left([r.prompt_ids + r.generated for r in rows], pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    batch = pad_batch([r.prompt_ids + r.generated for r in rows], pad_id, "left").to(device)
+    mask = batch.attention_mask
     cache = DynamicCache(config=model.config)
     out = model(
-        input_ids=ids,
+        input_ids=batch.input_ids,
         attention_mask=mask,
-        position_ids=position_ids,
+        position_ids=batch.position_ids,
         use_cache=True,
         logits_to_keep=1,
         **{cache_kw: cache},
@@ -319,9 +310,9 @@ def generate(
     device = _model_device(model)
     cache_kw = _cache_kwarg(model)
     eos_ids = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = min(eos_ids) if eos_ids else 0
+    # Fills only left padding, which the mask hides and whose keys/values _prefill zeroes: any id
+    # gives the same tokens.
+    pad_id = model_adapter(model).pad_id(tokenizer)
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):

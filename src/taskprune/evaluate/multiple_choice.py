@@ -17,7 +17,8 @@ moved to the front of the continuation, ``context + continuation`` is encoded *i
 the continuation tokens are ``whole[len(encode(context)):]``. So a token that straddles the
 boundary (a BPE merge of the context's last characters with the continuation's first ones) counts
 as continuation, and the split never changes how the text is tokenised. Encoding adds no special
-tokens, except a BOS first when ``add_bos`` (default: only for Gemma models, as the harness does).
+tokens, except a BOS first when ``add_bos`` (default: the model's adapter says, which is only for
+Gemma models, as the harness does).
 An empty context is scored after a single prefix token (BOS, else EOS). Inputs longer than
 ``max_length`` are cut on the left, keeping the last ``max_length + 1`` tokens.
 
@@ -37,15 +38,12 @@ import torch
 
 from taskprune.data.core import MCItem
 from taskprune.data.multiple_choice import load_mc, select
+from taskprune.models.adapters import model_adapter
+from taskprune.models.batch import pad_batch
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _default_add_bos(model) -> bool:
-    """The harness turns on BOS for Gemma models (they are badly off without it), and off elsewhere."""
-    return "gemma" in str(getattr(getattr(model, "config", None), "model_type", ""))
 
 
 def _prefix_token(tokenizer) -> int:
@@ -84,24 +82,15 @@ def _model_device(model) -> torch.device:
 def _forward_logprobs(model, rows: list[list[int]], keep_last: list[int], pad_id: int,
                       padding_side: str) -> list[torch.Tensor]:
     """For each row (input ids), fp32 log-probs of its last `keep_last[i]` positions: (keep_last[i], vocab)."""
-    device = _model_device(model)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    ends = []  # one past the last real position of each row, in padded coordinates
-    for i, row in enumerate(rows):
-        n = len(row)
-        start = 0 if padding_side == "right" else width - n
-        ids[i, start:start + n] = torch.tensor(row, dtype=torch.long)
-        mask[i, start:start + n] = 1
-        pos[i, start:start + n] = torch.arange(n)
-        ends.append(start + n)
+    batch = pad_batch(rows, pad_id, padding_side).to(_model_device(model))
+    width = batch.input_ids.shape[1]
+    # One past the last real position of each row, in padded coordinates.
+    ends = [len(row) if padding_side == "right" else width for row in rows]
     # The logits needed are the last keep_last[i] real positions of every row: keep the columns from
     # the leftmost of them to the end (all rows end at `width` with left padding, so this is tight).
     first = min(e - k for e, k in zip(ends, keep_last))
     keep = width - first
-    kwargs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device))
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     try:
         logits = model(**kwargs, logits_to_keep=keep).logits
     except TypeError:  # a model whose forward has no logits_to_keep
@@ -120,7 +109,8 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
     for each (context, continuation) pair, in input order.
 
     `max_length` (default: the model's ``max_position_embeddings``) caps the input length, cutting on
-    the left; `add_bos` None means the harness's default for this model (True only for Gemma).
+    the left; `add_bos` None means the harness's default for this model (its adapter's `add_bos`: True
+    only for Gemma).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
@@ -128,11 +118,12 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not pairs:
         return []
+    adapter = model_adapter(model)
     if add_bos is None:
-        add_bos = _default_add_bos(model)
+        add_bos = adapter.add_bos
     if max_length is None:
         max_length = int(getattr(getattr(model, "config", None), "max_position_embeddings", 0) or 2048)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = adapter.pad_id(tokenizer)
 
     # One forward job per distinct (input tokens, continuation length); requests point into them.
     jobs: dict[tuple[tuple[int, ...], int], int] = {}

@@ -1,21 +1,35 @@
-"""MLP adapters: where each architecture keeps its MLP and how to slice it.
+"""Architecture adapters: the only place that knows an architecture's module names and conventions.
 
-An adapter is the only place that knows an architecture's module names. Capture, planning and
-surgery talk to it through three operations: list the decoder layers' MLPs, return the
-`down_proj` whose *input* is the intermediate activation `h`, and slice an MLP to a subset of
-its intermediate neurons (keeping their order).
+Capture, gradients, planning, surgery, recovery and evaluation ask an adapter for: the decoder stack
+without the LM head and its layers, the layers' MLPs and the `down_proj` whose *input* is the
+intermediate activation `h` (and its width `d_ff`), slicing an MLP to a subset of its intermediate
+neurons (keeping their order), the Linear modules LoRA adapts, whether a scored text starts with
+BOS, and the token id that fills padding. `down_proj_hooks` installs a forward pre-hook on every
+(or some) `down_proj` for the length of a `with` block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+# The projections LoRA adapts by default (the paper's q,k,v,o,gate,up,down), in the separate-projection
+# naming; an adapter maps them onto fused modules where its architecture has them.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class UnsupportedArchitectureError(ValueError):
     """The model's architecture has no MLP adapter."""
+
+
+class TargetModuleError(ValueError):
+    """Requested LoRA target modules that the model does not have."""
 
 
 def _slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
@@ -32,28 +46,61 @@ def _slice_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
         linear.in_features = len(keep)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (`model.model.layers` for every supported family)."""
-    base = getattr(model, model.base_model_prefix, model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UnsupportedArchitectureError(
-            f"could not find decoder layers on {type(model).__name__} (looked for .{model.base_model_prefix}.layers)"
-        )
-    return layers
-
-
 @dataclass(frozen=True)
 class GatedMLPAdapter:
     """SwiGLU/GeGLU MLP with separate `gate_proj`, `up_proj` and `down_proj` (Llama, Qwen, Mistral, Gemma)."""
 
     name: str
+    add_bos: bool = False  # scored texts start with BOS (lm-evaluation-harness: Gemma only, badly off without it)
+    # Fused projection -> the separate projections it stands for, where the architecture fuses them.
+    fused: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({})
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """The decoder stack without the LM head (`model.model` for every supported family)."""
+        return getattr(model, model.base_model_prefix, model)
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers (`model.model.layers` for every supported family)."""
+        layers = getattr(self.decoder(model), "layers", None)
+        if layers is None:
+            raise UnsupportedArchitectureError(
+                f"could not find decoder layers on {type(model).__name__} (looked for .{model.base_model_prefix}.layers)"
+            )
+        return layers
 
     def mlps(self, model: nn.Module) -> list[nn.Module]:
-        return [layer.mlp for layer in decoder_layers(model)]
+        return [layer.mlp for layer in self.layers(model)]
 
     def down_proj(self, mlp: nn.Module) -> nn.Linear:
         return mlp.down_proj
+
+    def d_ff(self, model: nn.Module) -> int:
+        """The MLP width (input features of the first layer's `down_proj`)."""
+        return self.down_proj(self.mlps(model)[0]).in_features
+
+    def pad_id(self, tokenizer) -> int:
+        """The id that fills padding: the tokenizer's pad token, else its EOS, else 0. Padded positions
+        are masked out of attention and of every statistic and loss, so the value never reaches a result."""
+        for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+            if tok_id is not None:
+                return tok_id
+        return 0
+
+    def lora_targets(self, model: nn.Module, requested: Sequence[str] = DEFAULT_LORA_TARGETS) -> list[str]:
+        """The decoder layers' Linear module names to adapt: `requested`, with the fused projections
+        standing in for their parts where the model has them. Raises `TargetModuleError` if one is missing."""
+        present = {name.rsplit(".", 1)[-1] for name, mod in self.layers(model).named_modules()
+                   if isinstance(mod, nn.Linear)}
+        chosen = {name for name in requested if name in present}
+        for fused, parts in self.fused.items():
+            if fused in present and (fused in requested or set(parts) & set(requested)):
+                chosen.add(fused)
+        covered = chosen | {p for fused in chosen & set(self.fused) for p in self.fused[fused]}
+        missing = [name for name in requested if name not in covered]
+        if not chosen or missing:
+            raise TargetModuleError(f"target modules {', '.join(missing or requested)} not found among the decoder "
+                                    f"layers' Linear modules ({', '.join(sorted(present))})")
+        return sorted(chosen)
 
     def slice(self, mlp: nn.Module, keep: torch.Tensor) -> None:
         _slice_linear(mlp.gate_proj, keep, 0)
@@ -69,7 +116,11 @@ class GatedMLPAdapter:
 
 @dataclass(frozen=True)
 class FusedGateUpAdapter(GatedMLPAdapter):
-    """MLP with one fused `gate_up_proj` (gate half first, then up half) and `down_proj` (Phi-3)."""
+    """MLP with one fused `gate_up_proj` (gate half first, then up half) and `down_proj`, attention with one
+    fused `qkv_proj` (Phi-3)."""
+
+    fused: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+        {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")})
 
     def slice(self, mlp: nn.Module, keep: torch.Tensor) -> None:
         d_ff = mlp.down_proj.in_features
@@ -89,9 +140,9 @@ ADAPTERS: dict[str, MLPAdapter] = {
     "qwen2": GatedMLPAdapter("qwen2"),
     "qwen3": GatedMLPAdapter("qwen3"),
     "mistral": GatedMLPAdapter("mistral"),
-    "gemma": GatedMLPAdapter("gemma"),
-    "gemma2": GatedMLPAdapter("gemma2"),
-    "gemma3_text": GatedMLPAdapter("gemma3_text"),
+    "gemma": GatedMLPAdapter("gemma", add_bos=True),
+    "gemma2": GatedMLPAdapter("gemma2", add_bos=True),
+    "gemma3_text": GatedMLPAdapter("gemma3_text", add_bos=True),
     "phi3": FusedGateUpAdapter("phi3"),
 }
 
@@ -105,3 +156,32 @@ def get_adapter(model_type: str) -> MLPAdapter:
             f"architecture {model_type!r} is not supported; supported model types: "
             f"{', '.join(sorted(ADAPTERS))}. Adding one is a small adapter in taskprune/models/adapters.py."
         ) from None
+
+
+def model_adapter(model: nn.Module) -> MLPAdapter:
+    """The adapter for a model, by its `config.model_type`."""
+    return get_adapter(model.config.model_type)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a model of a supported architecture."""
+    return model_adapter(model).layers(model)
+
+
+@contextmanager
+def down_proj_hooks(model: nn.Module, adapter: MLPAdapter, fn: Callable[[int, torch.Tensor], torch.Tensor | None],
+                    layers: Sequence[int] | None = None) -> Iterator[None]:
+    """For the `with` block, `fn(layer, h)` runs before the `down_proj` of each of `layers` (default: all)
+    with its input `h`; a tensor it returns replaces `h`. The hooks are removed on exit, also on error."""
+    mlps = adapter.mlps(model)
+    with ExitStack() as stack:
+        for layer in range(len(mlps)) if layers is None else layers:
+            stack.enter_context(adapter.down_proj(mlps[layer]).register_forward_pre_hook(_pre_hook(fn, layer)))
+        yield
+
+
+def _pre_hook(fn: Callable[[int, torch.Tensor], torch.Tensor | None], layer: int):
+    def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+        h = fn(layer, args[0])
+        return None if h is None else (h, *args[1:])
+    return pre_hook
