@@ -1,6 +1,7 @@
 """Pinned numbers at the model level, as torchtune pins recipe losses and SliceGPT perplexities and
 parameter counts: seeded tiny random-init models in fp32, fixed texts, selectivity-selective pruning of
-one 128-block (ratio 0.2 of d_ff 512).
+one 128-block (ratio 0.2 of d_ff 512); and (slow) the packaged models' widths and parameter counts
+that README.md, configs/demo.yaml and docs/paper-code-1.5b.md quote.
 
 The values were measured by this file's own code (torch 2.13.0+cpu, transformers 5.24.0). A failure
 means that capture, scoring, planning, surgery or the model's forward changed behaviour, or that a new
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 from taskprune.capture import capture
-from taskprune.models import get_adapter
+from taskprune.models import ModelLoadError, get_adapter, load_model
+from taskprune.models.load import model_d_ff
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
 from taskprune.plan import make_plan
 from taskprune.profile import Profile
@@ -120,3 +122,33 @@ def test_first_greedy_tokens_before_and_after_pruning(arch):
     for when, runs in (("greedy_before", before), ("greedy_after", after)):
         assert [tokens for tokens, _ in runs] == PINNED[arch][when], when
         assert min(margin for _, margin in runs) > 1e-4, when  # no step is a near tie
+
+
+@pytest.mark.slow
+def test_packaged_coder_widths_and_parameter_counts():
+    """README: d_ff 4864; the demo's 0.025 and 0.05 are one and two 128-blocks (2.6% and 5.3%); 10% is 512
+    of 4864 neurons; 0.2 gives d_ff 4864 -> 3840 (21.1% exact) and 630M -> 564M parameters."""
+    lm = load_model("qwen2.5-coder-0.5b", dtype="bfloat16")  # counts do not depend on the dtype
+    mlps = lm.adapter.mlps(lm.model)
+    shape = (len(mlps), lm.adapter.down_proj(mlps[0]).in_features)
+    assert shape == (24, 4864)
+    for ratio, pruned, percent in ((0.025, 128, 2.6), (0.05, 256, 5.3), (0.1, 512, 10.5), (0.2, 1024, 21.1)):
+        plan = make_plan(None, "random", ratio, seed=42, shape=shape)
+        assert (plan.n_pruned, round(100 * plan.exact_ratio, 1)) == (pruned, percent), ratio
+    before = parameter_count(lm.model)
+    prune_model(lm.model, lm.adapter, plan)
+    assert lm.model.config.intermediate_size == 3840
+    assert (before, parameter_count(lm.model)) == (630_167_424, 564_107_136)  # measured; the README's 630M, 564M
+    assert before - parameter_count(lm.model) == 24 * 1024 * 3 * lm.model.config.hidden_size
+
+
+@pytest.mark.slow
+def test_packaged_coder_1p5b_widths():
+    """docs/paper-code-1.5b.md: 5%, 10% and 15% remove 512, 896 and 1408 of 8960 neurons per layer."""
+    try:
+        d_ff = model_d_ff("qwen2.5-coder-1.5b")
+    except ModelLoadError as err:
+        pytest.skip(f"the packaged 1.5B is not installed (make models-1.5b): {err}")
+    assert d_ff == 8960
+    for ratio, pruned in ((0.05, 512), (0.1, 896), (0.15, 1408)):
+        assert make_plan(None, "random", ratio, seed=42, shape=(1, d_ff)).n_pruned == pruned, ratio
