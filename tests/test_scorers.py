@@ -167,9 +167,11 @@ def test_clear_errors(setup):
     with pytest.raises(ProfileError, match="2 layers x 128 neurons but the profile was captured on 2 x 64"):
         score("wanda-sp", profile, model=wider)
     lonely = Profile({**profile.meta, "sets": [{"name": "t", "role": "target"}]}, {"t": profile.stats["t"]})
-    for name in ("taskaware", "specific-importance"):
-        with pytest.raises(ValueError, match="needs at least one distractor"):
+    for name in ("selectivity", "taskaware", "specific-importance"):
+        with pytest.raises(ValueError, match=f"scorer '{name}' needs at least one distractor"):
             score(name, lonely, model=model, adapter=adapter)
+        with pytest.raises(ValueError, match=r"distractor set\(s\) \['d3'\] not in the profile"):
+            score(name, profile, model=model, adapter=adapter, distractors=["d3"])
 
 
 def test_needs_are_read_from_the_records():
@@ -184,12 +186,14 @@ def test_needs_are_read_from_the_records():
 
 def test_unknown_option_raises(setup):
     model, _, adapter, profile = setup
-    with pytest.raises(ValueError, match=r"scorer 'selectivity' does not take option\(s\) tau; its options: distractors"):
+    with pytest.raises(ValueError, match=r"scorer 'selectivity' does not take option\(s\) tau; "
+                                         r"its options: distractors"):
         score("selectivity", profile, tau=0.1)
     with pytest.raises(ValueError, match=r"scorer 'taskaware' does not take option\(s\) lam, typo; "
                                          r"its options: distractors, gamma, tau"):
         score("taskaware", profile, model=model, adapter=adapter, typo=1, lam=2.0)
-    with pytest.raises(ValueError, match=r"scorer 'activation' does not take option\(s\) distractors; its options: none"):
+    with pytest.raises(ValueError, match=r"scorer 'activation' does not take option\(s\) distractors; "
+                                         r"its options: none"):
         score("activation", profile, distractors=["d1"])
     # model= and adapter= are accepted by every scorer (callers pass them whatever the scorer), read where needed
     torch.testing.assert_close(score("activation", profile, model=model, adapter=adapter), score("activation", profile))

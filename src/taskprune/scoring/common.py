@@ -1,5 +1,5 @@
-"""What several scorers share: the model's per-neuron weight norms, token-level activation
-statistics of a set, and the clear errors when a scorer lacks an input."""
+"""What several scorers share: the model's per-neuron weight norms, the target and pooled distractor
+statistics, token-level activation statistics of a set, and the clear errors when a scorer lacks an input."""
 
 from __future__ import annotations
 
@@ -7,26 +7,34 @@ import torch
 from torch import nn
 
 from taskprune.capture import SetStats
+from taskprune.models.adapters import MLPAdapter, model_adapter
 from taskprune.profile import Profile, ProfileError
-from taskprune.scoring.selectivity import pooled
 
 
-def require_model(name: str, profile: Profile, model: nn.Module | None, adapter=None) -> list[nn.Module]:
-    """The model's MLPs, checked against the profile's shape; an error saying what to pass otherwise."""
+def require_model(name: str, profile: Profile, model: nn.Module | None,
+                  adapter: MLPAdapter | None = None) -> list[dict[str, torch.Tensor]]:
+    """The model's MLP weight rows, checked against the profile's shape; an error saying what to pass otherwise."""
     if model is None:
         raise ValueError(
             f"scorer {name!r} needs the model's weights: pass model= (and adapter=) to score(); on the "
             f"command line `taskprune prune` passes them, `taskprune score` needs --model")
     if adapter is None:
-        from taskprune.models import get_adapter  # noqa: PLC0415
-        adapter = get_adapter(model.config.model_type)
+        adapter = model_adapter(model)
     mlps = adapter.mlps(model)
-    d_ff = adapter.down_proj(mlps[0]).in_features
+    d_ff = adapter.d_ff(model)
     if (len(mlps), d_ff) != (profile.num_layers, profile.d_ff):
         raise ProfileError(
             f"scorer {name!r}: the model has {len(mlps)} layers x {d_ff} neurons but the profile was captured "
             f"on {profile.num_layers} x {profile.d_ff}; give the model the profile was captured on")
     return [adapter.weight_rows(m) for m in mlps]
+
+
+def pooled(stats: list[SetStats]) -> SetStats:
+    """Union of several data sets' prompts (and tokens)."""
+    out = stats[0]
+    for s in stats[1:]:
+        out = out.merged(s)
+    return out
 
 
 def row_norms(rows: list[dict[str, torch.Tensor]], part: str, ord: float = 2) -> torch.Tensor:

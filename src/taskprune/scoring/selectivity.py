@@ -6,16 +6,9 @@ import torch
 
 from taskprune.capture import SetStats
 from taskprune.profile import Profile
+from taskprune.scoring.common import distractor_stats, pooled, target_stats
 
 EPS = 1e-6
-
-
-def pooled(stats: list[SetStats]) -> SetStats:
-    """Union of several data sets' prompts."""
-    out = stats[0]
-    for s in stats[1:]:
-        out = out.merged(s)
-    return out
 
 
 def pooled_std(stats: list[SetStats]) -> torch.Tensor:
@@ -35,18 +28,12 @@ def selectivity(profile: Profile, distractors: list[str] | None = None) -> torch
     distractors together, computed exactly from counts, sums and sums of squares.
     Low S (distractor-leaning) is pruned first.
     """
-    names = distractors or profile.distractors
-    if not names:
-        raise ValueError("selectivity needs at least one distractor set in the profile")
-    missing = [n for n in names if n not in profile.stats]
-    if missing:
-        raise ValueError(f"distractor set(s) {missing} not in the profile (it has {sorted(profile.stats)})")
-    target = profile.stats[profile.target]
-    distractor = pooled([profile.stats[n] for n in names])
+    target = target_stats(profile)
+    distractor = distractor_stats("selectivity", profile, distractors)
     sigma = pooled_std([target, distractor])
     return (target.mean - distractor.mean) / (sigma + EPS)
 
 
 def activation(profile: Profile) -> torch.Tensor:
     """Mean target activation (mean over prompts of the prompt-level mean |h|); low is pruned first."""
-    return profile.stats[profile.target].mean.clone()
+    return target_stats(profile).mean.clone()
