@@ -127,6 +127,8 @@ def test_merge_equals_unmerged_adapter(arch):
     targets = lora_target_modules(model)
     assert targets == (["down_proj", "gate_up_proj", "o_proj", "qkv_proj"] if arch == "phi3"
                        else ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    with pytest.raises(RecoveryError, match="w_in not found"):
+        lora_target_modules(model, ("q_proj", "w_in"))
     peft_model = get_peft_model(model, make_lora_config(model, cfg))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=cfg.lr)
     gen = torch.Generator().manual_seed(2)

@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +62,16 @@ from taskprune.atomic import atomic_dir, check_replaceable
 from taskprune.data import Example, load_examples
 from taskprune.data.registry import DataError, load_file
 from taskprune.evaluate.tasks import gsm8k_solution, mbpp_solution, training_target
+from taskprune.models.adapters import DEFAULT_LORA_TARGETS, TargetModuleError, model_adapter
+from taskprune.models.batch import pad_batch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["RecoveryConfig", "PRESETS", "RecoveryError", "TrainExample", "RecoveryData", "recover",
            "recovery_examples", "gsm8k_solution", "mbpp_solution", "chat_pair", "encode_pair", "collate",
            "lora_target_modules", "make_lora_config", "work_dir_for"]
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Fused projections some architectures use instead of separate ones (Phi-3).
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 TASK_DATA = {"math": "gsm8k", "code": "mbpp"}
 CODEFEEDBACK_DEFAULT_N = 7000  # the paper's code fine-tuning set size (Table 1)
 SCHEDULES = ("linear", "constant")
@@ -88,7 +91,7 @@ class RecoveryConfig:
     effective_batch_size: int
     dropout: float = 0.1
     epochs: int = 2
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS  # the adapter maps them onto fused projections
     max_examples: int | None = None  # None: every example that fits (codefeedback: 7000)
     micro_batch_size: int = 2  # gradient accumulation = effective_batch_size // micro_batch_size
     max_length: int = 512  # prompt + response tokens; longer examples are dropped
@@ -124,6 +127,14 @@ PRESETS: dict[str, RecoveryConfig] = {
     "code": RecoveryConfig(r=16, alpha=32, lr=2e-4, effective_batch_size=16),
     "math": RecoveryConfig(r=8, alpha=16, lr=2e-5, effective_batch_size=8),
 }
+
+
+def _preset(preset: str) -> RecoveryConfig:
+    """The preset's settings, or an error that names the presets."""
+    if preset not in PRESETS:
+        raise RecoveryError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
 
 # Fields that do not change the trained result (may differ between a run and its resumption).
 _RESUME_FREE = {"save_every", "gradient_checkpointing"}
@@ -248,37 +259,21 @@ def recovery_examples(task: str, tokenizer, data_dir=None, max_examples: int | N
 
 def collate(batch: list[TrainExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ex in enumerate(batch):
-        n = len(ex.input_ids)
-        ids[row, :n] = torch.tensor(ex.input_ids)
-        labels[row, :n] = torch.tensor(ex.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    padded = pad_batch([ex.input_ids for ex in batch], pad_id, labels=[ex.labels for ex in batch])
+    return {"input_ids": padded.input_ids, "attention_mask": padded.attention_mask, "labels": padded.labels}
 
 
 # ---------------------------------------------------------------------------------------------
 # LoRA
 
 
-def lora_target_modules(model: nn.Module, requested: tuple[str, ...] = DEFAULT_TARGETS) -> list[str]:
-    """The Linear module names in the model to adapt: `requested`, with fused projections
-    (`qkv_proj`, `gate_up_proj`) standing in for their parts where the model has them."""
-    present = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and ".layers." in f".{name}"}
-    chosen = {name for name in requested if name in present}
-    for fused, parts in FUSED.items():
-        if fused in present and (fused in requested or set(parts) & set(requested)):
-            chosen.add(fused)
-    covered = chosen | {p for fused in chosen & set(FUSED) for p in FUSED[fused]}
-    missing = [name for name in requested if name not in covered]
-    if not chosen or missing:
-        raise RecoveryError(f"target modules {', '.join(missing or requested)} not found among the decoder "
-                            f"layers' Linear modules ({', '.join(sorted(present))})")
-    return sorted(chosen)
+def lora_target_modules(model: nn.Module, requested: tuple[str, ...] = DEFAULT_LORA_TARGETS) -> list[str]:
+    """The Linear module names in the model to adapt: `requested`, with the fused projections the
+    model's adapter knows (Phi-3's `qkv_proj`, `gate_up_proj`) standing in for their parts."""
+    try:
+        return model_adapter(model).lora_targets(model, requested)
+    except TargetModuleError as err:
+        raise RecoveryError(str(err)) from None
 
 
 def make_lora_config(model: nn.Module, cfg: RecoveryConfig):
@@ -319,18 +314,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(work: Path, peft_model, optimizer, scheduler, state: dict) -> None:
+def _save_checkpoint(work: Path, trainer: _Trainer, state: dict) -> None:
     """Write the checkpoint to `checkpoint.new`, then swap it in (the old one survives a crash)."""
-    from peft import get_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
     new, cur, old = work / "checkpoint.new", work / "checkpoint", work / "checkpoint.old"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
-    adapter = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-    save_file(adapter, str(new / "adapter_model.safetensors"))
-    torch.save(optimizer.state_dict(), new / "optimizer.pt")
-    torch.save(scheduler.state_dict(), new / "scheduler.pt")
+    save_file(trainer.adapter_state(None), str(new / "adapter_model.safetensors"))
+    torch.save(trainer.optimizer.state_dict(), new / "optimizer.pt")
+    torch.save(trainer.scheduler.state_dict(), new / "scheduler.pt")
     torch.save(_rng_state(), new / "rng.pt")
     (new / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(old, ignore_errors=True)
@@ -348,15 +341,17 @@ def _find_checkpoint(work: Path) -> Path | None:
     return None
 
 
-def _load_checkpoint(path: Path, peft_model, optimizer, scheduler, device) -> dict:
+def _load_checkpoint(path: Path, trainer: _Trainer, device: torch.device) -> dict:
+    """Restore the adapter, optimizer, scheduler and RNG states saved at `path`; returns its state."""
     from peft import set_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
-    result = set_peft_model_state_dict(peft_model, load_file(str(path / "adapter_model.safetensors"), device=str(device)))
+    adapter = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    result = set_peft_model_state_dict(trainer.model, adapter)
     if getattr(result, "unexpected_keys", None):
         raise RecoveryError(f"checkpoint {path} does not fit this model (unexpected {result.unexpected_keys[:3]})")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())
 
@@ -445,6 +440,239 @@ into the weights; the MLP width stays {record['intermediate_size']}. `recovery.j
 """
 
 
+# ---------------------------------------------------------------------------------------------
+# The recipe: setup, resume, train, merge and save (in the manner of torchtune's LoRA recipe)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What a run fixes before its first step: settings, data, schedule and what its record names."""
+
+    preset: str
+    cfg: RecoveryConfig
+    data: RecoveryData
+    tokenizer: PreTrainedTokenizerBase
+    source: dict  # the loaded model's source: spec, kind, revision, path
+    train_dtype: torch.dtype
+    device: torch.device
+    width: int  # MLP width of the pruned model, kept through the merge
+    targets: list[str]  # LoRA target modules
+    pad_id: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    @property
+    def fingerprint(self) -> dict:
+        """What a checkpoint must have been made with to be resumed."""
+        return _fingerprint(str(self.source["path"]), self.cfg, self.data, self.train_dtype, self.preset)
+
+
+@dataclass
+class _Trainer:
+    """The LoRA-wrapped model and its optimizer and schedule."""
+
+    model: nn.Module  # a PEFT model
+    params: list[nn.Parameter]  # the trainable (LoRA) parameters
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def step(self, batch: list[TrainExample], setup: _Setup) -> float:
+        """One optimizer step on one effective batch; returns its token-mean loss."""
+        loss = _train_step(self.model, batch, setup.cfg, setup.pad_id, setup.device)
+        if setup.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, setup.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def adapter_state(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """The LoRA weights on the CPU, in `dtype` (None: as trained)."""
+        from peft import get_peft_model_state_dict  # noqa: PLC0415
+
+        return {k: v.detach().to("cpu", dtype).contiguous() for k, v in get_peft_model_state_dict(self.model).items()}
+
+
+@dataclass
+class _Progress:
+    """Where training stands; saved with every checkpoint and restored from it."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    resumed: list[int] = field(default_factory=list)  # the step each resumption started from
+    prior_wall: float = 0.0  # training seconds of earlier sessions
+
+    def checkpoint_state(self, setup: _Setup, wall: float) -> dict:
+        epoch, k = divmod(self.step, setup.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "sample_position": k * setup.cfg.effective_batch_size,
+                "total_steps": setup.total_steps, "losses": self.losses, "resumed": self.resumed,
+                "wall_time_s": wall, "fingerprint": setup.fingerprint}
+
+
+def _train_dtype(dtype: str) -> torch.dtype:
+    """The dtype to train in: `dtype` resolved, with "auto" falling back from float16 to float32."""
+    from taskprune.models.load import resolve_dtype  # noqa: PLC0415
+
+    train_dtype = resolve_dtype(dtype)
+    if train_dtype == torch.float16:  # fp16 needs loss scaling, which this loop does not do
+        if dtype != "auto":
+            raise RecoveryError("float16 training is not supported (no loss scaling); use bfloat16 or float32")
+        return torch.float32
+    return train_dtype
+
+
+def _setup(model: str, preset: str, cfg: RecoveryConfig, data: str | None, data_dir, train_dtype: torch.dtype,
+           device: str | None, cache_dir: Path | None) -> tuple[_Setup, _Trainer]:
+    """Load the model and the training data, fix the schedule, and wrap the model in LoRA (seeded)."""
+    from taskprune.models.load import load_model  # noqa: PLC0415
+
+    lm = load_model(model, dtype=str(train_dtype).removeprefix("torch."), device=device, cache_dir=cache_dir)
+    data_set = recovery_examples(data or preset, lm.tokenizer, data_dir, cfg.max_examples, cfg.seed, cfg.max_length)
+    steps_per_epoch = math.ceil(len(data_set) / cfg.effective_batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    setup = _Setup(preset=preset, cfg=cfg, data=data_set, tokenizer=lm.tokenizer, source=lm.source,
+                   train_dtype=train_dtype, device=next(lm.model.parameters()).device,
+                   width=lm.model.config.intermediate_size, targets=lora_target_modules(lm.model, cfg.target_modules),
+                   pad_id=lm.adapter.pad_id(lm.tokenizer), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                   warmup=round(cfg.warmup_ratio * total_steps))
+    return setup, _lora_trainer(lm.model, setup)
+
+
+def _lora_trainer(model: nn.Module, setup: _Setup) -> _Trainer:
+    """LoRA adapters on `model` (initialised from the seed), AdamW on them and the warm-up schedule."""
+    from peft import get_peft_model  # noqa: PLC0415
+
+    cfg = setup.cfg
+    torch.manual_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = get_peft_model(model, make_lora_config(model, cfg))
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(setup.total_steps, setup.warmup, cfg.schedule))
+    return _Trainer(peft_model, params, optimizer, scheduler)
+
+
+def _resume(setup: _Setup, trainer: _Trainer, work: Path, progress: bool) -> _Progress:
+    """The progress of the checkpoint in `work`, with the trainer and RNG restored from it; a fresh start
+    without one. A checkpoint made with other settings is refused."""
+    ckpt = _find_checkpoint(work)
+    if ckpt is None:
+        return _Progress()
+    saved = json.loads((ckpt / "state.json").read_text())
+    _check_resume(saved["fingerprint"], setup.fingerprint, work)
+    state = _load_checkpoint(ckpt, trainer, setup.device)
+    if progress:
+        print(f"Resuming recovery from step {state['step']} of {setup.total_steps} ({ckpt})")
+    return _Progress(state["step"], state["losses"], state["resumed"] + [state["step"]], state["wall_time_s"])
+
+
+def _train(setup: _Setup, trainer: _Trainer, run: _Progress, work: Path, progress: bool,
+           on_step: Callable[[int, float], None] | None) -> float:
+    """Optimizer steps from `run.step` to the end, with a checkpoint every `save_every` steps and at each
+    epoch end; returns the training seconds of all sessions."""
+    cfg = setup.cfg
+    work.mkdir(parents=True, exist_ok=True)
+    session_start = time.time()
+    bar = tqdm(total=setup.total_steps, initial=run.step, desc=f"recover {setup.preset}", unit="step",
+               disable=not progress)
+    try:
+        while run.step < setup.total_steps:
+            loss = trainer.step(_step_examples(setup.data.examples, cfg, run.step, setup.steps_per_epoch), setup)
+            run.step += 1
+            run.losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
+            if run.step % setup.steps_per_epoch == 0 or (cfg.save_every and run.step % cfg.save_every == 0):
+                wall = run.prior_wall + time.time() - session_start
+                _save_checkpoint(work, trainer, run.checkpoint_state(setup, wall))
+            if on_step is not None:
+                on_step(run.step, loss)
+    except BaseException:
+        bar.close()
+        if progress and run.step < setup.total_steps:
+            print(f"Recovery stopped at step {run.step}; rerun the same command to resume from the last checkpoint "
+                  f"in {work}")
+        raise
+    bar.close()
+    return run.prior_wall + time.time() - session_start
+
+
+def _reload_with_adapter(setup: _Setup, adapter_state: dict[str, torch.Tensor], path: str) -> nn.Module:
+    """A fresh fp32 load of the pruned checkpoint at `path` with the trained adapter set on it (unmerged)."""
+    from peft import get_peft_model, set_peft_model_state_dict  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(setup.device)
+    peft_model = get_peft_model(base, make_lora_config(base, setup.cfg))
+    set_peft_model_state_dict(peft_model, {k: v.to(setup.device) for k, v in adapter_state.items()})
+    return peft_model.eval()
+
+
+def _record(setup: _Setup, run: _Progress, adapter_state: dict[str, torch.Tensor], train_wall: float,
+            save_dtype: torch.dtype) -> dict:
+    cfg = setup.cfg
+    return {
+        "preset": setup.preset, "config": _config_dict(cfg),
+        "base_model": {k: setup.source.get(k) for k in ("spec", "kind", "revision", "path")},
+        "data": setup.data.info(),
+        "lora": {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "target_modules": setup.targets},
+        "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                      "max_grad_norm": cfg.max_grad_norm, "schedule": f"{cfg.schedule} after linear warm-up",
+                      "warmup_steps": setup.warmup},
+        "grad_accum": cfg.grad_accum, "steps": run.step, "steps_per_epoch": setup.steps_per_epoch, "epochs": cfg.epochs,
+        "first_loss": run.losses[0], "final_loss": run.losses[-1], "mean_loss": sum(run.losses) / len(run.losses),
+        "losses": run.losses, "resumed_from_steps": run.resumed,
+        "train_dtype": str(setup.train_dtype).removeprefix("torch."),
+        "saved_dtype": str(save_dtype).removeprefix("torch."), "device": str(setup.device),
+        "intermediate_size": setup.width, "trainable_parameters": sum(v.numel() for v in adapter_state.values()),
+        "train_wall_time_s": round(train_wall, 3), "taskprune_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _check_width(merged: nn.Module, width: int) -> None:
+    """The merged model keeps the pruned MLP width, in its config and in every layer."""
+    adapter = model_adapter(merged)
+    widths = {adapter.down_proj(mlp).in_features for mlp in adapter.mlps(merged)}
+    if merged.config.intermediate_size != width or widths != {width}:
+        raise RecoveryError(f"merged model has MLP widths {sorted(widths)} / config "
+                            f"{merged.config.intermediate_size}, expected {width}")
+
+
+def _merge_and_save(setup: _Setup, adapter_state: dict[str, torch.Tensor], run: _Progress, train_wall: float,
+                    model: str, cache_dir: Path | None, out: Path, overwrite: bool, started: float) -> dict:
+    """Merge the adapter in fp32 into a fresh load of the pruned checkpoint, cast back to its stored dtype,
+    and save it atomically at `out` with the tokenizer, the unmerged adapter, the pruned input's
+    pruning.json, recovery.json and a model card. Returns the recovery record."""
+    from taskprune.models.load import resolve_model_path  # noqa: PLC0415
+
+    path, _ = resolve_model_path(model, cache_dir)
+    save_dtype = _stored_dtype(path)
+    peft_model = _reload_with_adapter(setup, adapter_state, path)
+    record = _record(setup, run, adapter_state, train_wall, save_dtype)
+    with atomic_dir(out, overwrite=overwrite, kind="recovery") as tmp:
+        peft_model.save_pretrained(tmp / "lora_adapter")
+        merged = peft_model.merge_and_unload()
+        _check_width(merged, setup.width)
+        merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
+        setup.tokenizer.save_pretrained(tmp)
+        if (Path(path) / "pruning.json").is_file():
+            shutil.copy2(Path(path) / "pruning.json", tmp / "pruning.json")
+        record["wall_time_s"] = round(time.time() - started + run.prior_wall, 3)
+        (tmp / "recovery.json").write_text(json.dumps(record, indent=1) + "\n")
+        (tmp / "README.md").write_text(_model_card(record))
+    return record
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = None, data_dir=None,
             dtype: str = "auto", device: str | None = None, overwrite: bool = False, progress: bool = True,
             data: str | None = None, cache_dir: Path | None = None,
@@ -456,152 +684,32 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
     `on_step(step, loss)` is called after each optimizer step (and its checkpoint, if one is due).
     Returns the recovery record, also written to `out/recovery.json`.
     """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: PLC0415
-    from transformers import AutoModelForCausalLM  # noqa: PLC0415
-
-    from taskprune.models.load import load_model, resolve_dtype, resolve_model_path  # noqa: PLC0415
-
-    if preset not in PRESETS:
-        raise RecoveryError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-    cfg = config or PRESETS[preset]
+    preset_config = _preset(preset)  # an unknown preset is refused even with a config
+    cfg = config or preset_config
     cfg.validate()
     out = Path(out)
     check_replaceable(out, "recovery", overwrite)
-    train_dtype = resolve_dtype(dtype)
-    if train_dtype == torch.float16:  # fp16 needs loss scaling, which this loop does not do
-        if dtype != "auto":
-            raise RecoveryError("float16 training is not supported (no loss scaling); use bfloat16 or float32")
-        train_dtype = torch.float32
+    train_dtype = _train_dtype(dtype)
     started = time.time()
-
-    lm = load_model(model, dtype=str(train_dtype).removeprefix("torch."), device=device, cache_dir=cache_dir)
-    base_path = lm.source["path"]
-    dev = next(lm.model.parameters()).device
-    width = lm.model.config.intermediate_size
-    data_set = recovery_examples(data or preset, lm.tokenizer, data_dir, cfg.max_examples, cfg.seed, cfg.max_length)
-    examples = data_set.examples
-    steps_per_epoch = math.ceil(len(examples) / cfg.effective_batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_ratio * total_steps)
-
-    torch.manual_seed(cfg.seed)
-    if cfg.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = lora_target_modules(lm.model, cfg.target_modules)
-    peft_model = get_peft_model(lm.model, make_lora_config(lm.model, cfg))
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.schedule))
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-
+    setup, trainer = _setup(model, preset, cfg, data, data_dir, train_dtype, device, cache_dir)
     work = work_dir_for(out)
-    fingerprint = _fingerprint(str(base_path), cfg, data_set, train_dtype, preset)
-    step, losses, resumed, prior_wall = 0, [], [], 0.0
-    ckpt = _find_checkpoint(work)
-    if ckpt is not None:
-        saved = json.loads((ckpt / "state.json").read_text())
-        _check_resume(saved["fingerprint"], fingerprint, work)
-        state = _load_checkpoint(ckpt, peft_model, optimizer, scheduler, dev)
-        step, losses, resumed, prior_wall = state["step"], state["losses"], state["resumed"], state["wall_time_s"]
-        resumed = resumed + [step]
-        if progress:
-            print(f"Resuming recovery from step {step} of {total_steps} ({ckpt})")
-    work.mkdir(parents=True, exist_ok=True)
-
-    session_start = time.time()
-
-    def checkpoint() -> None:
-        epoch, k = divmod(step, steps_per_epoch)
-        _save_checkpoint(work, peft_model, optimizer, scheduler, {
-            "step": step, "epoch": epoch, "sample_position": k * cfg.effective_batch_size,
-            "total_steps": total_steps, "losses": losses, "resumed": resumed,
-            "wall_time_s": prior_wall + time.time() - session_start, "fingerprint": fingerprint})
-
-    bar = tqdm(total=total_steps, initial=step, desc=f"recover {preset}", unit="step", disable=not progress)
-    try:
-        while step < total_steps:
-            loss = _train_step(peft_model, _step_examples(examples, cfg, step, steps_per_epoch), cfg, pad_id, dev)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if step % steps_per_epoch == 0 or (cfg.save_every and step % cfg.save_every == 0):
-                checkpoint()
-            if on_step is not None:
-                on_step(step, loss)
-    except BaseException:
-        bar.close()
-        if progress and step < total_steps:
-            print(f"Recovery stopped at step {step}; rerun the same command to resume from the last checkpoint in {work}")
-        raise
-    bar.close()
-    train_wall = prior_wall + time.time() - session_start
-
-    # Merge in fp32 into a fresh load of the checkpoint, then cast back to its stored dtype.
-    adapter_state = {k: v.detach().to("cpu", torch.float32) for k, v in get_peft_model_state_dict(peft_model).items()}
-    del peft_model, optimizer, scheduler, params, lm.model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    path, _ = resolve_model_path(model, cache_dir)
-    save_dtype = _stored_dtype(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev)
-    merged_peft = get_peft_model(base, make_lora_config(base, cfg))
-    set_peft_model_state_dict(merged_peft, {k: v.to(dev) for k, v in adapter_state.items()})
-    merged_peft.eval()
-
-    record = {
-        "preset": preset, "config": _config_dict(cfg),
-        "base_model": {k: lm.source.get(k) for k in ("spec", "kind", "revision", "path")},
-        "data": data_set.info(),
-        "lora": {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout,
-                 "target_modules": targets},
-        "optimizer": {"name": "AdamW", "lr": cfg.lr, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm,
-                      "schedule": f"{cfg.schedule} after linear warm-up", "warmup_steps": warmup},
-        "grad_accum": cfg.grad_accum, "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs,
-        "first_loss": losses[0], "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
-        "losses": losses, "resumed_from_steps": resumed, "train_dtype": str(train_dtype).removeprefix("torch."),
-        "saved_dtype": str(save_dtype).removeprefix("torch."), "device": str(dev), "intermediate_size": width,
-        "trainable_parameters": sum(v.numel() for v in adapter_state.values()),
-        "train_wall_time_s": round(train_wall, 3), "taskprune_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-    with atomic_dir(out, overwrite=overwrite, kind="recovery") as tmp:
-        merged_peft.save_pretrained(tmp / "lora_adapter")
-        merged = merged_peft.merge_and_unload()
-        from taskprune.models.adapters import get_adapter  # noqa: PLC0415
-
-        adapter = get_adapter(merged.config.model_type)
-        widths = {adapter.down_proj(mlp).in_features for mlp in adapter.mlps(merged)}
-        if merged.config.intermediate_size != width or widths != {width}:
-            raise RecoveryError(f"merged model has MLP widths {sorted(widths)} / config "
-                                f"{merged.config.intermediate_size}, expected {width}")
-        merged.to(save_dtype).save_pretrained(tmp, safe_serialization=True)
-        lm.tokenizer.save_pretrained(tmp)
-        if (Path(path) / "pruning.json").is_file():
-            shutil.copy2(Path(path) / "pruning.json", tmp / "pruning.json")
-        record["wall_time_s"] = round(time.time() - started + prior_wall, 3)
-        (tmp / "recovery.json").write_text(json.dumps(record, indent=1) + "\n")
-        (tmp / "README.md").write_text(_model_card(record))
+    run = _resume(setup, trainer, work, progress)
+    train_wall = _train(setup, trainer, run, work, progress, on_step)
+    adapter_state = trainer.adapter_state(torch.float32)
+    del trainer  # the training model and optimizer go before the fresh load for the merge
+    _release_memory()
+    record = _merge_and_save(setup, adapter_state, run, train_wall, model, cache_dir, out, overwrite, started)
     shutil.rmtree(work, ignore_errors=True)
     if progress:
-        print(f"Recovered checkpoint saved to {out} ({step} steps, final loss {losses[-1]:.4f})")
+        print(f"Recovered checkpoint saved to {out} ({run.step} steps, final loss {run.losses[-1]:.4f})")
     return record
 
 
 def config_from_args(preset: str, **overrides) -> RecoveryConfig:
     """The preset with the non-None `overrides` applied (CLI helper)."""
-    if preset not in PRESETS:
-        raise RecoveryError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    preset_config = _preset(preset)
     names = {f.name for f in fields(RecoveryConfig)}
     unknown = set(overrides) - names
     if unknown:
         raise RecoveryError(f"unknown recovery settings: {', '.join(sorted(unknown))}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    return replace(preset_config, **{k: v for k, v in overrides.items() if v is not None})
