@@ -9,6 +9,7 @@ ids follow the attention mask, so the result does not depend on batch size or pa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +55,14 @@ class SetStats:
                         self.tok_sumsq + other.tok_sumsq, self.truncated + other.truncated, extra=extra)
 
 
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids of `texts` without special tokens added, cut to `max_length` (an empty text becomes
+    one EOS), and how many were cut."""
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    truncated = sum(len(ids) > max_length for ids in encoded)
+    return [ids[:max_length] or [tokenizer.eos_token_id] for ids in encoded], truncated
+
+
 class _Recorder:
     """Folds each `down_proj` input of the batch in flight into a `SetStats` (see `down_proj_hooks`)."""
 
@@ -95,9 +104,7 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
         raise ValueError("capture needs at least one text")
     layers, d_ff = len(adapter.mlps(model)), adapter.d_ff(model)
     stats = SetStats.zeros(layers, d_ff)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    stats.truncated = sum(len(ids) > max_length for ids in encoded)
-    encoded = [ids[:max_length] or [tokenizer.eos_token_id] for ids in encoded]
+    encoded, stats.truncated = encode_texts(tokenizer, texts, max_length)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     per_prompt = torch.zeros(len(texts), layers, d_ff) if keep_per_prompt else None
 

@@ -33,17 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from taskprune.capture import encode_texts
 from taskprune.models.adapters import MLPAdapter, down_proj_hooks
 from taskprune.models.batch import PaddedBatch, pad_batch
 
 KINDS = ("taylor", "ig")
 IG_POSITIONS = ("all", "answer")
-
-
-def _encode(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids exactly as `capture` makes them (no special tokens added, cut to `max_length`)."""
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_length] for t in texts]
-    return [ids or [tokenizer.eos_token_id] for ids in encoded]
 
 
 class _FrozenParams:
@@ -220,7 +215,7 @@ def gradient_stats(model: nn.Module, tokenizer, texts: Sequence[str], adapter: M
     if not texts:
         raise ValueError("the gradient pass needs at least one text")
     texts = list(texts)[:max_prompts] if max_prompts is not None else list(texts)
-    encoded = _encode(tokenizer, texts, max_length)
+    encoded, _ = encode_texts(tokenizer, texts, max_length)  # as capture makes them
     if ig_positions == "answer":
         if prompt_lengths is None:
             raise ValueError("ig_positions='answer' needs prompt_lengths (tokens of each text's prompt part)")
