@@ -62,7 +62,7 @@ def _forward(model, batch: PaddedBatch, **kwargs):
                  use_cache=False, **kwargs).logits
 
 
-def _taylor_batch(model, adapter, batch: PaddedBatch, acc: dict) -> None:
+def _taylor_batch(model, adapter: MLPAdapter, batch: PaddedBatch, acc: dict) -> None:
     """One forward+backward: accumulate sum h*g and sum |h*g| over valid tokens, for every layer."""
     hs: list[torch.Tensor | None] = [None] * len(adapter.mlps(model))
 
@@ -126,7 +126,7 @@ class _SkipLowerLayers:
                 m.forward = forward
 
 
-def _layer_inputs(model, adapter, batch: PaddedBatch) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
+def _layer_inputs(model, adapter: MLPAdapter, batch: PaddedBatch) -> tuple[torch.Tensor, list[torch.Tensor], bool]:
     """One unscaled forward: logits, each decoder layer's input hidden states, and whether layers
     return tuples (older transformers) or tensors."""
     layers = adapter.layers(model)
@@ -148,7 +148,7 @@ def _layer_inputs(model, adapter, batch: PaddedBatch) -> tuple[torch.Tensor, lis
     return logits, inputs, out_tuple[0]
 
 
-def _ig_batch(model, adapter, batch: PaddedBatch, starts, steps, threshold, acc: dict) -> None:
+def _ig_batch(model, adapter: MLPAdapter, batch: PaddedBatch, starts, steps, threshold, acc: dict) -> None:
     """IG of F = sum of the greedy log-probabilities at the selected positions, layer by layer.
 
     Each step computes only what depends on the scale: the layers from the scaled one up (see
