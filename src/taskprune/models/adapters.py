@@ -63,9 +63,8 @@ class GatedMLPAdapter:
         """The decoder layers (`model.model.layers` for every supported family)."""
         layers = getattr(self.decoder(model), "layers", None)
         if layers is None:
-            raise UnsupportedArchitectureError(
-                f"could not find decoder layers on {type(model).__name__} (looked for .{model.base_model_prefix}.layers)"
-            )
+            raise UnsupportedArchitectureError(f"could not find decoder layers on {type(model).__name__} "
+                                               f"(looked for .{model.base_model_prefix}.layers)")
         return layers
 
     def mlps(self, model: nn.Module) -> list[nn.Module]:
