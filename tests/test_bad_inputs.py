@@ -375,7 +375,7 @@ def case_config_capture_batch_0(c):
 
 
 def case_config_limit_list(c):
-    return (*_run(c, **{"evaluation.limit": [2, 2]}), "evaluation.limit must be a mapping")
+    return (*_run(c, **{"evaluation.limit": [2, 2]}), "evaluation.limit must be an integer or a mapping")
 
 
 def case_config_limit_0(c):

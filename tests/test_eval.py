@@ -58,21 +58,21 @@ def test_code_tasks_run_in_sandbox(lm, data_dir):
 
 
 def test_evaluate_resumes_without_loss_or_duplicates(lm, data_dir, tmp_path):
-    settings = EvalSettings(limit=3, batch_size=2, trap_budget=0, speed_prompts=0, data_dir=str(data_dir))
+    settings = EvalSettings(limit=3, batch_size=2, trap_budget=0, speed_prompts=0)
     path = tmp_path / "gsm8k.jsonl"
     first = get_task("gsm8k").examples(data_dir, 3)[0]
-    evaluate(lm, ["gsm8k"], tmp_path, replace(settings, limit=1), progress=False)
+    evaluate(lm, ["gsm8k"], tmp_path, replace(settings, limit=1), progress=False, data_dir=str(data_dir))
     (kept,) = read_records(path).values()
     kept = {**kept, "output": "kept from the first run \\boxed{1}"}
     for field in ("trap", "trap_type", "trap_reason", "task_output", "correct"):
         kept.pop(field)
     path.write_text(json.dumps(kept) + "\n" + '{"id": "torn')  # killed mid-line
-    summary = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)
+    summary = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False, data_dir=str(data_dir))
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["id"] for r in records) == sorted(ex.id for ex in get_task("gsm8k").examples(data_dir, 3))
     assert read_records(path)[first.id]["output"] == "kept from the first run \\boxed{1}"
     assert summary["tasks"]["gsm8k"]["n"] == 3 and 0 <= summary["tasks"]["gsm8k"]["accuracy"] <= 1
-    again = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)  # nothing left to generate
+    again = evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False, data_dir=str(data_dir))  # nothing left to generate
     assert again["tasks"]["gsm8k"]["n"] == 3 and len(path.read_text().splitlines()) == 3
     res = json.loads((tmp_path / "summary.json").read_text())["resources"]
     assert res["parameters"] > 0 and res["weight_bytes"] == weight_bytes(lm.model)
@@ -88,57 +88,57 @@ def _tree(path):
 
 @pytest.fixture()
 def evaluated(lm, data_dir, tmp_path):
-    settings = EvalSettings(limit=2, batch_size=2, trap_budget=0, speed_prompts=0, data_dir=str(data_dir),
+    settings = EvalSettings(limit=2, batch_size=2, trap_budget=0, speed_prompts=0,
                             max_new_tokens=8)
-    evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False)
+    evaluate(lm, ["gsm8k"], tmp_path, settings, progress=False, data_dir=str(data_dir))
     return tmp_path, settings
 
 
-def test_another_model_into_the_same_directory_is_refused(evaluated):
+def test_another_model_into_the_same_directory_is_refused(evaluated, data_dir):
     out, settings = evaluated
     other = LoadedModel(tiny_model("qwen2", seed=1), byte_tokenizer(), get_adapter("qwen2"), {"spec": "other"})
     before = _tree(out)
     with pytest.raises(StaleRecordsError, match=r"records of model 'tiny', not 'other' \(weights"):
-        evaluate(other, ["gsm8k"], out, settings, progress=False)
+        evaluate(other, ["gsm8k"], out, settings, progress=False, data_dir=str(data_dir))
     assert _tree(out) == before
 
 
-def test_the_same_weights_in_another_dtype_are_another_model(lm, evaluated):
+def test_the_same_weights_in_another_dtype_are_another_model(lm, evaluated, data_dir):
     out, settings = evaluated
     half = LoadedModel(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, lm.adapter, {"spec": "tiny"})
     with pytest.raises(StaleRecordsError, match="dtype 'float32' -> 'bfloat16'"):
-        evaluate(half, ["gsm8k"], out, settings, progress=False)
+        evaluate(half, ["gsm8k"], out, settings, progress=False, data_dir=str(data_dir))
 
 
-def test_other_generation_settings_are_refused_by_name(lm, evaluated):
+def test_other_generation_settings_are_refused_by_name(lm, evaluated, data_dir):
     out, settings = evaluated
     before = _tree(out)
     with pytest.raises(StaleRecordsError, match="max_new_tokens 8 -> 16"):
-        evaluate(lm, ["gsm8k"], out, replace(settings, max_new_tokens=16), progress=False)
+        evaluate(lm, ["gsm8k"], out, replace(settings, max_new_tokens=16), progress=False, data_dir=str(data_dir))
     with pytest.raises(StaleRecordsError, match="generation_budget 8 -> 64"):
-        evaluate(lm, ["gsm8k"], out, replace(settings, trap_budget=64), progress=False)
+        evaluate(lm, ["gsm8k"], out, replace(settings, trap_budget=64), progress=False, data_dir=str(data_dir))
     assert _tree(out) == before
     # A more items and another batch size are the same records' settings: resumed.
-    s = evaluate(lm, ["gsm8k"], out, replace(settings, limit=3, batch_size=1), progress=False)
+    s = evaluate(lm, ["gsm8k"], out, replace(settings, limit=3, batch_size=1), progress=False, data_dir=str(data_dir))
     assert s["tasks"]["gsm8k"]["n"] == 3
 
 
-def test_records_without_or_with_foreign_provenance_are_refused(lm, evaluated, tmp_path_factory):
+def test_records_without_or_with_foreign_provenance_are_refused(lm, evaluated, tmp_path_factory, data_dir):
     out, settings = evaluated
     path = out / "gsm8k.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]
     records[0]["made_by"] = "0" * 16
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(StaleRecordsError, match="was not made by this model and these settings"):
-        evaluate(lm, ["gsm8k"], out, settings, progress=False)
+        evaluate(lm, ["gsm8k"], out, settings, progress=False, data_dir=str(data_dir))
     records[0]["made_by"], records[0]["prompt"] = records[1]["made_by"], "another instruction"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(StaleRecordsError, match="prompt of record"):
-        evaluate(lm, ["gsm8k"], out, settings, progress=False)
+        evaluate(lm, ["gsm8k"], out, settings, progress=False, data_dir=str(data_dir))
     legacy = tmp_path_factory.mktemp("legacy")
     (legacy / "gsm8k.jsonl").write_text(json.dumps(_record("x", "old")) + "\n")
     with pytest.raises(StaleRecordsError, match="do not say what made them"):
-        evaluate(lm, ["gsm8k"], legacy, settings, progress=False)
+        evaluate(lm, ["gsm8k"], legacy, settings, progress=False, data_dir=str(data_dir))
 
 
 def test_a_similarity_score_against_another_reference_is_made_again(lm, data_dir):
@@ -184,13 +184,13 @@ def test_weight_bytes_counts_parameters_and_buffers_at_their_dtype():
 
 def test_reference_outputs_are_cached_by_the_reference_weights(tiny_dir, data_dir, tmp_path):
     from taskprune.evaluate.references import reference_outputs
-    settings = EvalSettings(limit=2, max_new_tokens=4, data_dir=str(data_dir))
-    first = reference_outputs(str(tiny_dir), ["squad-sim", "gsm8k"], settings, "float32", "cpu", tmp_path, False)
+    settings = EvalSettings(limit=2, max_new_tokens=4)
+    first = reference_outputs(str(tiny_dir), ["squad-sim", "gsm8k"], settings, "float32", "cpu", tmp_path, str(data_dir), False)
     (cached,) = (tmp_path / "references").glob("*-squad-sim.jsonl")
     assert set(first) == {"squad-sim"} and len(first["squad-sim"]) == 2
-    again = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "float32", "cpu", tmp_path, False)
+    again = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "float32", "cpu", tmp_path, str(data_dir), False)
     assert again == first and list((tmp_path / "references").glob("*.jsonl")) == [cached]
-    half = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "bfloat16", "cpu", tmp_path, False)
+    half = reference_outputs(str(tiny_dir), ["squad-sim"], settings, "bfloat16", "cpu", tmp_path, str(data_dir), False)
     assert len(half["squad-sim"]) == 2 and len(list((tmp_path / "references").glob("*.jsonl"))) == 2
 
 

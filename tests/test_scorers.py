@@ -207,7 +207,7 @@ def test_unknown_option_raises(setup):
 
 def test_help_lists_every_scorer():
     lines = scorer_help().splitlines()
-    assert [line.split()[0] for line in lines] == list(SCORERS)
+    assert [line.split(": ")[0] for line in lines] == list(SCORERS)
     for line, (name, spec) in zip(lines, SCORERS.items()):
         assert spec.help in line
         assert ("[needs the model" in line) == (name in NEEDS_MODEL)

@@ -120,7 +120,8 @@ def test_shipped_configs_load():
 def test_a_new_option_at_its_default_keeps_a_studys_hash():
     from dataclasses import replace
 
-    from taskprune.config import StudyConfig, non_default
+    from taskprune.config import StudyConfig
+    from taskprune.options import non_default
     cfg = StudyConfig(name="s", model="m", target="mbpp", distractors=("squad",), ratios=(0.1,))
     assert non_default(cfg) == {"name": "s", "model": "m", "target": "mbpp", "distractors": ("squad",),
                                 "ratios": (0.1,)}
@@ -128,6 +129,21 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
     assert same.hash() == cfg.hash()
     other = replace(cfg, evaluation=replace(cfg.evaluation, trap_budget=512))
     assert other.hash() != cfg.hash() and non_default(other)["evaluation"] == {"trap_budget": 512}
+
+
+# Each committed config's study hash and evaluation key, as computed before the settings objects were
+# unified (issue 16): a study directory made then, such as results/paper-code-1.5b, must still resume.
+CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("da2ddab58fd7", "dd1739be"),
+                 "paper-code-1.5b-cpu": ("f52c8ae1daf2", "04acacd9"), "paper-code-1.5b": ("9e9e9c7d2d8b", "04acacd9"),
+                 "paper-code-7b": ("b0d1d359a28f", "04acacd9"), "paper-math-1.5b": ("25481d6a8d7b", "6cfba91f"),
+                 "paper-math-7b": ("a8c87dcb09d9", "6cfba91f"), "scorers-5pct": ("2f21a027bb32", "ce5b3fa9")}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_HASHES))
+def test_committed_configs_keep_their_study_hash_and_evaluation_key(name):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert (cfg.hash(), sweep._eval_key(cfg)) == CONFIG_HASHES[name]
 
 
 def test_variants_listed_first_run_first_then_the_grid(tiny_dir, tmp_path):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -15,28 +17,12 @@ from taskprune.capture import capture
 from taskprune.data import format_text, load_examples, sample
 from taskprune.gradients import check_settings, gradient_stats, prompt_token_lengths
 from taskprune.models import LoadedModel, config_hash
-from taskprune.plan import Plan, make_plan
+from taskprune.models.load import default_cache_dir
+from taskprune.plan import Plan, make_plan, pruned_count
 from taskprune.profile import Profile, load_profile, profile_hash, save_profile
-from taskprune.scoring import score
+from taskprune.scoring import NEEDS_GRADIENTS, score
+from taskprune.settings import CaptureSettings, DataSets, PruneSettings
 from taskprune.surgery import parameter_count, prune_model, save_pruned
-
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    n: int = 128  # prompts per data set
-    seed: int = 0  # for drawing the prompts
-    max_length: int = 512
-    template: str = "chat"  # chat | raw
-    content: str = "prompt"  # prompt | prompt+response
-    batch_size: int = 8
-    keep_per_prompt: bool = False
-    # Gradient pass on the target set (taskprune.gradients), for the taylor and ig scorers.
-    gradients: tuple[str, ...] = ()  # e.g. ("taylor", "ig")
-    grad_prompts: int | None = None  # target prompts in the gradient pass (None: all n)
-    grad_batch_size: int = 4
-    ig_steps: int = 20
-    ig_threshold: float = 0.5
-    ig_positions: str = "all"  # all | answer
 
 
 def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings = CaptureSettings(),
@@ -98,6 +84,21 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
     return Profile(meta=meta, stats=stats)
 
 
+def cached_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings,
+                   cache_dir: Path | None = None, data_dir: str | None = None) -> tuple[Profile, Path]:
+    """A profile of `lm` with these sets and settings: the one cached under `cache_dir/profiles` by an
+    earlier call, else captured now and cached (the one-shot `taskprune prune`)."""
+    key = json.dumps([config_hash(lm.model.config), lm.source.get("spec"), target, list(distractors),
+                      asdict(settings), str(lm.model.dtype)], sort_keys=True, default=list)
+    path = Path(cache_dir or default_cache_dir()) / "profiles" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (path / "profile.json").is_file():
+        print(f"reusing cached profile {path}")
+        return load_profile(path), path
+    profile = capture_profile(lm, target, distractors, settings, data_dir)
+    save_profile(profile, path, overwrite=True)
+    return profile, path
+
+
 def plan_from_profile(profile: Profile | None, scorer: str, strategy: str, ratio: float, align: int = 128,
                       seed: int | None = None, model: nn.Module | None = None, adapter=None,
                       shape: tuple[int, int] | None = None) -> tuple[Plan, torch.Tensor | None]:
@@ -137,5 +138,27 @@ def prune_and_save(lm: LoadedModel, plan: Plan, out: Path, scorer: str, profile:
     return record
 
 
-__all__ = ["CaptureSettings", "capture_profile", "plan_from_profile", "prune_in_memory", "prune_and_save",
-           "load_profile", "save_profile"]
+def prune_to_disk(lm: LoadedModel, settings: PruneSettings, scorer: str, out: Path, profile_path: Path | None = None,
+                  sets: DataSets | None = None, capture: CaptureSettings = CaptureSettings(),
+                  cache_dir: Path | None = None, data_dir: str | None = None,
+                  overwrite: bool = False) -> tuple[Plan, dict]:
+    """`taskprune prune`: plan `settings` over the profile at `profile_path` (else over one captured on
+    `sets`, with the gradient pass `scorer` needs, cached under `cache_dir`; else over none, for the
+    random strategy), then prune `lm` and save it to `out`. Returns the plan and the pruning record."""
+    d_ff = lm.adapter.d_ff(lm.model)
+    pruned_count(d_ff, settings.ratio, settings.align)  # the ratio is checked before any capture
+    profile = None
+    if profile_path is not None:
+        profile = load_profile(profile_path)
+        profile.check_model(config_hash(lm.model.config), where=str(profile_path))
+    elif sets is not None and sets.target:
+        needed = {NEEDS_GRADIENTS[scorer]} if scorer in NEEDS_GRADIENTS else set()
+        capture = replace(capture, gradients=tuple(sorted(needed | set(capture.gradients))))
+        profile, profile_path = cached_profile(lm, sets.target, list(sets.distractors), capture, cache_dir, data_dir)
+    plan, _ = plan_from_profile(profile, scorer, settings.strategy, settings.ratio, settings.align, settings.seed,
+                                model=lm.model, adapter=lm.adapter, shape=(len(lm.adapter.mlps(lm.model)), d_ff))
+    return plan, prune_and_save(lm, plan, out, scorer, profile, profile_path, overwrite)
+
+
+__all__ = ["CaptureSettings", "capture_profile", "cached_profile", "plan_from_profile", "prune_in_memory", "prune_and_save",
+           "prune_to_disk", "load_profile", "save_profile"]

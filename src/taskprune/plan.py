@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal, get_args
 
 import torch
 
-STRATEGIES = ("selective", "reverse", "random")
+Strategy = Literal["selective", "reverse", "random"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 class PlanError(ValueError):

@@ -14,18 +14,20 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from taskprune.atomic import OutputExistsError, check_writable
-from taskprune.config import ConfigError, StudyConfig, check_model_fits, settings_hash, to_dict
-from taskprune.evaluate.runner import EvalSettings, evaluate, item_scores, read_records
+from taskprune.config import ConfigError, StudyConfig, check_model_fits, to_dict
+from taskprune.evaluate.runner import evaluate, item_scores, read_records
 from taskprune.evaluate.tasks import SIMILARITY, get_task
 from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.models.load import model_d_ff
-from taskprune.pipeline import CaptureSettings, capture_profile, plan_from_profile
+from taskprune.options import settings_hash
+from taskprune.pipeline import capture_profile, plan_from_profile
+from taskprune.settings import EvalSettings
 from taskprune.profile import load_profile, save_profile
 from taskprune.results import ResultRow, ResultsError, ResultStore
 from taskprune.scoring import score
@@ -152,10 +154,8 @@ class Study:
     def profile(self, lm: LoadedModel):
         from taskprune.scoring import NEEDS_GRADIENTS
         c = self.cfg.capture
-        gradients = tuple(sorted({NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}))
-        settings = CaptureSettings(n=c.n, seed=c.seed, max_length=c.max_length, template=c.template,
-                                   content=c.content, batch_size=c.batch_size, gradients=gradients,
-                                   grad_prompts=c.grad_prompts, ig_steps=c.ig_steps)
+        needed = {NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}
+        settings = replace(c, gradients=tuple(sorted(needed | set(c.gradients))))
         path = self.dir / "profile"
         if (path / "profile.json").is_file():
             profile = load_profile(path)
@@ -172,12 +172,10 @@ class Study:
                 [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
         return profile
 
-    def _settings(self, task: str, first: bool) -> EvalSettings:
+    def _settings(self, first: bool) -> EvalSettings:
+        """The study's evaluation settings; the batch-1 speed is measured with a variant's first task only."""
         e = self.cfg.evaluation
-        return EvalSettings(limit=e.limit.get(task), batch_size=e.batch_size, trap_budget=e.trap_budget,
-                            stop_at_boxed=e.stop_at_boxed, max_new_tokens=e.max_new_tokens,
-                            require_isolation=e.require_isolation,
-                            speed_prompts=3 if first else 0, data_dir=self.data_dir)
+        return e if first else replace(e, speed_prompts=0)
 
     def _similarity(self):
         if self.similarity is None:
@@ -210,8 +208,8 @@ class Study:
             # records must not be mixed with bf16 ones.
             identity = {"study": self.cfg.hash(), "variant": variant,
                         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
-            summary = evaluate(lm, [task], out, self._settings(task, first=i == 0), refs, sim,
-                               progress=self.progress, identity=identity)
+            summary = evaluate(lm, [task], out, self._settings(first=i == 0), refs, sim,
+                               progress=self.progress, identity=identity, data_dir=self.data_dir)
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
             items = item_scores(get_task(task), out)
@@ -230,7 +228,7 @@ class Study:
                 config_hash=self.cfg.hash()), items)
 
     def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int) -> None:
-        from taskprune.recover import config_from_args, recover
+        from taskprune.recover import recover
         variant = cell.name(recovered=True)
         ckpt = self.dir / "checkpoints"
         pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
@@ -240,11 +238,8 @@ class Study:
                     "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
                     "parameters": {"before": params_before, "after": parameter_count(model)}}, overwrite=True)
             r = self.cfg.recovery
-            config = config_from_args(r.preset, max_examples=r.max_examples, epochs=r.epochs,
-                                      effective_batch_size=r.effective_batch_size,
-                                      micro_batch_size=r.micro_batch_size, max_length=r.max_length)
-            recover(str(pruned_dir), r.preset, rec_dir, config, data_dir=self.data_dir, dtype=self.cfg.dtype,
-                    overwrite=True, progress=self.progress)
+            recover(str(pruned_dir), r.preset, rec_dir, r.config(), data=r.data, data_dir=self.data_dir,
+                    dtype=self.cfg.dtype, overwrite=True, progress=self.progress)
         recovered = load_model(str(rec_dir), self.cfg.dtype)
         self.evaluate_variant(recovered, variant, cell, plan.exact_ratio, recovered=True)
         if not self.keep:

@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from taskprune.evaluate import provenance
-from taskprune.evaluate.runner import EvalSettings, generate_records, model_identity
+from taskprune.evaluate.runner import generate_records, model_identity
 from taskprune.evaluate.tasks import get_task
 from taskprune.models import load_model
 from taskprune.models.load import default_cache_dir
+from taskprune.settings import EvalSettings, ModelSettings
 
 
 def reference_spec(model_spec: str) -> str | None:
@@ -23,7 +24,7 @@ def reference_spec(model_spec: str) -> str | None:
 
 
 def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, dtype: str = "auto",
-                      device: str | None = None, cache_dir: Path | None = None,
+                      device: str | None = None, cache_dir: Path | None = None, data_dir: str | None = None,
                       progress: bool = True) -> dict[str, dict[str, str]]:
     """`{task: {example id: output}}` of model `spec` on each similarity task, cut to the task budget."""
     names = [n for n in task_names if get_task(n).kind == "similarity"]
@@ -37,7 +38,7 @@ def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, 
         task = get_task(name)
         if settings.max_new_tokens:
             task = replace(task, max_new_tokens=settings.max_new_tokens)
-        examples = task.examples(settings.data_dir, settings.limit)
+        examples = task.examples(data_dir, settings.limit_for(name))
         made_by = provenance.key({"spec": spec, "model": identity, "task": name,
                                   "max_new_tokens": task.max_new_tokens, "items": [ex.id for ex in examples]})
         path = (Path(cache_dir) if cache_dir else default_cache_dir()) / "references" / f"{made_by}-{name}.jsonl"
@@ -47,3 +48,17 @@ def reference_outputs(spec: str, task_names: list[str], settings: EvalSettings, 
         out[name] = {i: r["output"] for i, r in records.items()}
     del lm
     return out
+
+
+def similarity_inputs(model: ModelSettings, settings: EvalSettings, reference_model: str | None = None,
+                      data_dir: str | None = None) -> tuple[dict[str, dict[str, str]] | None, object | None]:
+    """What `taskprune eval` compares a model's similarity-task answers with: the reference model's answers
+    (`reference_model`, else the source in the model's pruning.json, else none: the model is its own
+    reference) and the scorer; (None, None) when `settings` has no similarity task."""
+    if not any(get_task(name).kind == "similarity" for name in settings.tasks):
+        return None, None
+    from taskprune.evaluate.similarity import SimilarityScorer
+    ref = reference_model or reference_spec(model.model)
+    references = None if ref is None else reference_outputs(ref, list(settings.tasks), settings, model.dtype,
+                                                            model.device, model.cache_dir, data_dir)
+    return references, SimilarityScorer(cache_dir=model.cache_dir)

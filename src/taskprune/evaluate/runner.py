@@ -31,19 +31,7 @@ from taskprune.evaluate.sandbox import check_isolation, run_many
 from taskprune.evaluate.tasks import DEFAULT_TASK, GENERATE, MULTIPLE_CHOICE, SIMILARITY, Task, get_task
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
 from taskprune.models import LoadedModel, config_hash, weights_fingerprint
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    limit: int | None = None  # items per task (None: the task's default)
-    batch_size: int = 8
-    trap_budget: int = 1024  # generate this far to see whether an output ever ends (0: task budget only)
-    stop_at_boxed: bool = False  # the paper's custom stopping criterion for GSM8K
-    sandbox_timeout: float = 3.0
-    require_isolation: bool = True  # refuse to run generated code when a kernel sandbox layer is missing
-    speed_prompts: int = 3  # prompts for the batch-1 tokens/s measurement (0: skip)
-    data_dir: str | None = None
-    max_new_tokens: int | None = None  # overrides every task's own budget
+from taskprune.settings import EvalSettings
 
 
 def chat_prompt(tokenizer, message: str) -> str:
@@ -181,7 +169,8 @@ def _multiple_choice(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalS
     the model must match the earlier records)."""
     provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, {"task": task.name})
     with WorkingSet(next(lm.model.parameters()).device) as ws:
-        result = evaluate_multiple_choice(lm, task.dataset, settings.limit, settings.data_dir, settings.batch_size)
+        result = evaluate_multiple_choice(lm, task.dataset, settings.limit_for(task.name), ctx.data_dir,
+                                          settings.batch_size)
     write_records(out_dir / task.records_file, result["records"])
     s = result["summary"]
     if progress:
@@ -194,7 +183,7 @@ def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSetting
     """Generate (resuming), score and summarise a generate or similarity task."""
     if settings.max_new_tokens:
         task = replace(task, max_new_tokens=settings.max_new_tokens)
-    examples = task.examples(settings.data_dir, settings.limit)
+    examples = task.examples(ctx.data_dir, settings.limit_for(task.name))
     budget = max(task.max_new_tokens, settings.trap_budget)
     start = time.perf_counter()
     path = out_dir / task.records_file
@@ -219,13 +208,15 @@ def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSetting
 @dataclass(frozen=True)
 class EvalContext:
     """What one task's evaluation is made by and against: the model (spec and identity, for provenance),
-    the task's earlier summary in this directory, and a similarity task's references and scorer."""
+    the task's earlier summary in this directory, a similarity task's references and scorer, and where
+    the offline data copies are."""
 
     spec: str
     identity: dict
     earlier: dict
     references: dict[str, str] | None = None
     similarity: object | None = None
+    data_dir: str | None = None
 
 
 EVALUATORS = {GENERATE: _generated, SIMILARITY: _generated, MULTIPLE_CHOICE: _multiple_choice}
@@ -247,16 +238,15 @@ def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
     return out
 
 
-def _speed_prompts(lm: LoadedModel, tasks: list[Task], settings: EvalSettings) -> list[str]:
+def _speed_prompts(lm: LoadedModel, tasks: list[Task], n: int, data_dir: str | None) -> list[str]:
     """Prompts of the first generating task (else the default task) for the batch-1 speed measurement."""
     task = next((t for t in tasks if t.user_message is not None), None) or get_task(DEFAULT_TASK)
-    return [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(settings.data_dir,
-                                                                                   settings.speed_prompts)]
+    return [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(data_dir, n)]
 
 
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
              references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True,
-             identity: dict | None = None) -> dict:
+             identity: dict | None = None, data_dir: str | None = None) -> dict:
     """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`.
 
     `identity` names the model for the resume check (default: `model_identity(lm)`, its weights);
@@ -281,7 +271,7 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
                   flush=True)
     for task in tasks:
         ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), (references or {}).get(task.name),
-                          similarity)
+                          similarity, data_dir)
         summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
     working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
     weights = weight_bytes(lm.model)
@@ -293,7 +283,8 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         "peak_memory_bytes": weights + max(working) if working else None,
         "peak_memory_kind": ("cuda" if device.type == "cuda" else "rss") + " weights+working_set" if working else None,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
-        "tokens_per_s_batch1": decode_tokens_per_second(lm.model, lm.tokenizer, _speed_prompts(lm, tasks, settings))
+        "tokens_per_s_batch1": decode_tokens_per_second(
+            lm.model, lm.tokenizer, _speed_prompts(lm, tasks, settings.speed_prompts, data_dir))
         if settings.speed_prompts else None,
         "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items() if "tokens_per_s" in t},
     }

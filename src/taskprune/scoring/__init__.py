@@ -86,9 +86,8 @@ def score(name: str, profile: Profile, **options) -> torch.Tensor:
 
 
 def scorer_help() -> str:
-    """One line per scorer, `name  what it measures (source) [what it needs]`, for the command line's help."""
-    width = max(map(len, SCORERS))
-    return "\n".join(f"{name:<{width}}  {spec.help}" + (f" [{spec.needs()}]" if spec.needs() else "")
+    """One line per scorer, `name: what it measures (source) [what it needs]`, for the command line's help."""
+    return "\n".join(f"{name}: {spec.help}" + (f" [{spec.needs()}]" if spec.needs() else "")
                      for name, spec in SCORERS.items())
 
 
