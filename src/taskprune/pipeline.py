@@ -71,7 +71,7 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
     meta = {
         "model": {"spec": lm.source.get("spec"), "kind": lm.source.get("kind"), "revision": lm.source.get("revision"),
                   "model_type": lm.model.config.model_type, "config_hash": config_hash(lm.model.config),
-                  "num_layers": len(mlps), "d_ff": lm.adapter.down_proj(mlps[0]).in_features},
+                  "num_layers": len(mlps), "d_ff": lm.adapter.d_ff(lm.model)},
         "sets": sets,
         "capture": {"n": settings.n, "seed": settings.seed, "max_length": settings.max_length,
                     "template": settings.template, "content": settings.content,

@@ -249,8 +249,7 @@ class Study:
     def run(self) -> Path:
         cfg = self.cfg
         lm = load_model(cfg.model, cfg.dtype)
-        mlps = lm.adapter.mlps(lm.model)
-        check_model_fits(cfg, lm.adapter.down_proj(mlps[0]).in_features)  # before anything is written
+        check_model_fits(cfg, lm.adapter.d_ff(lm.model))  # before anything is written
         existed = self.dir.exists()
         try:
             self.start()

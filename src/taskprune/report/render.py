@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import plots
+from .reference import Reference, load_reference
 from .tables import Cell, Comparison, Grid, Report, build_report, load_study
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +229,8 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def build_doc(rep: Report, run_dir: Path) -> Doc:
+def build_doc(rep: Report, run_dir: Path, reference: Reference | None = None) -> Doc:
+    """The report's document; with `reference`, the published numbers beside the study's."""
     info = rep.info
     d = Doc()
     d.h(1, f"Pruning study report — {info['model'] or run_dir.name}")
@@ -244,7 +246,7 @@ def build_doc(rep: Report, run_dir: Path) -> Doc:
                + (f"; **random seeds:** {', '.join(str(s) for s in info['seeds'])}" if info["seeds"] else ""),
                f"**Study directory:** `{run_dir.name}`"])
     _baseline(d, rep)
-    _reference(d, rep)
+    _reference(d, rep, reference)
     _accuracy(d, rep)
     _traps(d, rep)
     _recovery(d, rep)
@@ -330,8 +332,7 @@ def _traps(d: Doc, rep: Report) -> None:
             "Trap % vs pruning ratio (Type 1 + Type 2)")
 
 
-def _reference(d: Doc, rep: Report) -> None:
-    ref = rep.reference
+def _reference(d: Doc, rep: Report, ref: Reference | None) -> None:
     if ref is None:
         return
     d.h(2, f"Against the paper ({ref.paper})")
@@ -505,8 +506,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     study = load_study(run_dir)
-    rep = build_report(study, reference)
-    doc = build_doc(rep, run_dir)
+    rep = build_report(study)
+    doc = build_doc(rep, run_dir, None if reference is None else load_reference(reference, study.rows))
     for img in doc.images:
         (out_dir / img.name).write_bytes(img.png)
     md, page = out_dir / "report.md", out_dir / "report.html"

@@ -27,14 +27,9 @@ from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from taskprune.results import results_errors
-
-if TYPE_CHECKING:
-    from taskprune.report.reference import Reference
 
 BASELINE = "none"
 STRATEGY_ORDER = ("selective", "reverse", "random")
@@ -595,16 +590,12 @@ class Report:
     resources: list[ResourceRow] = field(default_factory=list)
     scorers: dict[str, Grid] = field(default_factory=dict)
     scorer_summary: list[SummaryColumn] = field(default_factory=list)
-    reference: Reference | None = None  # published numbers beside ours (report/reference.py)
 
 
-def build_report(study: Study, reference: str | Path | None = None) -> Report:
-    """Every table of `study`; with `reference` (a YAML file of published numbers), those beside ours."""
-    from taskprune.report.reference import load_reference  # noqa: PLC0415 - it imports this module
+def build_report(study: Study) -> Report:
+    """Every table of `study`."""
     rows = study.rows
     rep = Report(study_info(rows, study.config))
-    if reference is not None:
-        rep.reference = load_reference(reference, rows)
     for t in accuracy_tasks(rows):
         rep.accuracy[t] = accuracy_grid(rows, t)
         rep.loss[t] = loss_grid(rows, t)
