@@ -118,6 +118,8 @@ def test_other_generation_settings_are_refused_by_name(lm, evaluated, data_dir):
     with pytest.raises(StaleRecordsError, match="generation_budget 8 -> 64"):
         evaluate(lm, ["gsm8k"], out, replace(settings, trap_budget=64), progress=False, data_dir=str(data_dir))
     assert _tree(out) == before
+    # Early trap stops have nothing to stop within the task's own budget: the same records.
+    evaluate(lm, ["gsm8k"], out, replace(settings, trap_policy="early"), progress=False, data_dir=str(data_dir))
     # A more items and another batch size are the same records' settings: resumed.
     s = evaluate(lm, ["gsm8k"], out, replace(settings, limit=3, batch_size=1), progress=False, data_dir=str(data_dir))
     assert s["tasks"]["gsm8k"]["n"] == 3
@@ -139,6 +141,28 @@ def test_records_without_or_with_foreign_provenance_are_refused(lm, evaluated, t
     (legacy / "gsm8k.jsonl").write_text(json.dumps(_record("x", "old")) + "\n")
     with pytest.raises(StaleRecordsError, match="do not say what made them"):
         evaluate(lm, ["gsm8k"], legacy, settings, progress=False, data_dir=str(data_dir))
+
+
+def test_early_trap_policy_keeps_scores_and_verdicts_and_spends_fewer_tokens(lm, data_dir, tmp_path):
+    """The seeded tiny model loops on GSM8K prompts: past the task budget (8 tokens here) the early
+    policy ends each looping output, with the full run's task output, score and trap verdict."""
+    settings = EvalSettings(limit=6, batch_size=3, trap_budget=96, max_new_tokens=8, speed_prompts=0)
+    runs = {}
+    for policy in ("full", "early"):
+        evaluate(lm, ["gsm8k"], tmp_path / policy, replace(settings, trap_policy=policy), progress=False,
+                 data_dir=str(data_dir))
+        runs[policy] = read_records(tmp_path / policy / "gsm8k.jsonl")
+    full, early = runs["full"], runs["early"]
+    stopped = [i for i, r in early.items() if r["stopped_by"] == "early"]
+    assert stopped, "the seeded tiny model should loop on some prompt"
+    for i, r in early.items():
+        keys = ("task_output", "correct", "trap", "trap_type")
+        assert {k: r[k] for k in keys} == {k: full[i][k] for k in keys}
+        assert r["new_tokens"] <= full[i]["new_tokens"]
+        assert full[i]["output"].startswith(r["output"])
+    for i in stopped:
+        assert early[i]["trap_reason"] == "loop" and 8 <= early[i]["new_tokens"] < 96
+    assert sum(r["new_tokens"] for r in early.values()) < sum(r["new_tokens"] for r in full.values())
 
 
 def test_a_similarity_score_against_another_reference_is_made_again(lm, data_dir):

@@ -15,7 +15,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from taskprune.evaluate.generate import GenerationRecord, eos_token_ids, generate
+from taskprune.evaluate.generate import EarlyStop, GenerationRecord, eos_token_ids, generate
 
 WORDS = 120
 
@@ -164,6 +164,23 @@ def test_stop_criterion_halts_a_row_early(model, tokenizer):
             assert rec.output.split() == words[: words.index(target) + 1]
         else:
             assert outputs([rec]) == outputs([ref])
+
+
+def test_early_rule_ends_a_caught_row_at_its_first_check_past_after(model, tokenizer):
+    prompts = make_prompts(6, seed=5)
+    full = one_by_one(model, tokenizer, prompts, 24)
+    word = full[1].output.split()[0]  # row 1 is caught from its first token on; others when the word comes
+    caught = lambda text: word in text.split()  # noqa: E731
+    records = generate(model, tokenizer, prompts, 24, batch_size=3, progress=False,
+                       early=EarlyStop(after=6, caught=caught, every=4))
+    for rec, ref in zip(records, full, strict=True):
+        words = ref.output.split()
+        stop_at = next((n for n in range(6, 24, 4) if word in words[:n]), None)
+        if stop_at is None:
+            assert outputs([rec]) == outputs([ref])
+        else:
+            assert (rec.stopped_by, rec.new_tokens, rec.output.split()) == ("early", stop_at, words[:stop_at])
+    assert records[1].new_tokens == 6
 
 
 def test_stop_is_only_checked_after_trigger_characters(tokenizer):

@@ -73,7 +73,7 @@ from transformers.cache_utils import DynamicLayer
 from taskprune.models.adapters import model_adapter
 from taskprune.models.batch import pad_batch
 
-__all__ = ["GenerationRecord", "generate", "eos_token_ids"]
+__all__ = ["EarlyStop", "GenerationRecord", "generate", "eos_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,9 @@ class GenerationRecord:
         output: The generated text (new tokens only), decoded with special tokens skipped.
         new_tokens: Number of tokens generated, counting a final EOS token.
         ended_by_eos: True if generation ended because an EOS token was produced.
-        stopped_by: Why generation ended: ``"eos"``, ``"budget"`` (``max_new_tokens`` reached)
-            or ``"stop"`` (the ``stop`` criterion returned True).
+        stopped_by: Why generation ended: ``"eos"``, ``"budget"`` (``max_new_tokens`` reached),
+            ``"stop"`` (the ``stop`` criterion returned True) or ``"early"`` (the ``early`` rule
+            caught it).
         seconds: Wall time attributed to this sample: its share of every prefill and decode step
             it took part in (each step's time split evenly over the rows in it).
     """
@@ -99,6 +100,17 @@ class GenerationRecord:
     ended_by_eos: bool
     stopped_by: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """End a row as soon as `caught(text)` says its text is caught (e.g. in a repetition loop), once it
+    has at least `after` new tokens; checked every `every` tokens from there. The row ends with
+    ``stopped_by="early"``."""
+
+    after: int
+    caught: Callable[[str], bool]
+    every: int = 16
 
 
 @dataclass
@@ -274,6 +286,7 @@ def generate(
     on_record: Callable[[GenerationRecord], None] | None = None,
     *,
     stop_check_chars: str | None = "}",
+    early: EarlyStop | None = None,
 ) -> list[GenerationRecord]:
     """Greedily generate a completion for every prompt, batched, with refill.
 
@@ -292,6 +305,9 @@ def generate(
             (finishing order, not input order), e.g. to append it to a JSONL file and resume later.
         stop_check_chars: Characters that trigger evaluating ``stop`` (default ``"}"``, enough for
             "a complete ``\\boxed{...}`` was written"). ``None`` evaluates ``stop`` after every token.
+        early: Optional :class:`EarlyStop` rule ending rows whose text it catches before the budget
+            (the trap policy ``early``: a row already in a counted repetition loop is a trap whatever
+            follows).
 
     Returns:
         One :class:`GenerationRecord` per prompt, in the order of ``prompts``.
@@ -339,7 +355,13 @@ def generate(
             row.stopped_by = "stop"
         elif len(row.generated) >= max_new_tokens:
             row.stopped_by = "budget"
+        elif early is not None and caught_early(row.generated):
+            row.stopped_by = "early"
         return row.stopped_by is not None
+
+    def caught_early(generated: list[int]) -> bool:
+        n = len(generated)
+        return n >= early.after and (n - early.after) % early.every == 0 and early.caught(_decode(generated))
 
     def _should_check(token: int) -> bool:
         if stop_check_chars is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from taskprune.data import Example
 from taskprune.evaluate import provenance
-from taskprune.evaluate.generate import generate
+from taskprune.evaluate.generate import EarlyStop, generate
 from taskprune.evaluate.multiple_choice import evaluate_multiple_choice
 from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
                                           parameter_count, weight_bytes)
@@ -85,11 +85,19 @@ def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path:
                 fh.flush()
                 done[rec["id"]] = rec
             generate(lm.model, lm.tokenizer, prompts, budget, batch_size=settings.batch_size, stop=stop,
-                     progress=progress, on_record=on_record)
+                     progress=progress, on_record=on_record, early=early_stop(task, budget, settings))
     return done
 
 
-def _within_budget(tokenizer, rec: dict, budget: int) -> str:
+def early_stop(task: Task, budget: int, settings: EvalSettings) -> EarlyStop | None:
+    """The `early` trap policy's rule: past the task's own budget (so its score is what the full run's
+    would be), an output already ending in a counted repetition loop is a trap whatever follows."""
+    if settings.trap_policy != "early" or budget <= task.max_new_tokens:
+        return None
+    return EarlyStop(after=task.max_new_tokens, caught=repetition_loop)
+
+
+def within_budget(tokenizer, rec: dict, budget: int) -> str:
     """The output as the task's own budget would have cut it (generation may have run to the trap budget)."""
     if rec["new_tokens"] <= budget:
         return rec["output"]
@@ -97,7 +105,7 @@ def _within_budget(tokenizer, rec: dict, budget: int) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _trap(task: Task, ex: Example, rec: dict) -> dict:
+def trap_verdict(task: Task, ex: Example, rec: dict) -> dict:
     text = rec["output"]
     no_eos = rec["stopped_by"] == "budget" and not rec["ended_by_eos"]
     looped = repetition_loop(text)
@@ -114,8 +122,8 @@ def score_records(lm: LoadedModel, task: Task, examples: list[Example], records:
     rows = [records[ex.id] for ex in examples if ex.id in records]
     pending = [r for r in rows if "trap" not in r]
     for r in pending:
-        r["task_output"] = _within_budget(lm.tokenizer, r, task.max_new_tokens)
-        r.update(_trap(task, by_id[r["id"]], r))
+        r["task_output"] = within_budget(lm.tokenizer, r, task.max_new_tokens)
+        r.update(trap_verdict(task, by_id[r["id"]], r))
     if task.output_type == GENERATE and task.program is not None:
         programs = [task.program(by_id[r["id"]], r["task_output"]) for r in pending]
         results = run_many(programs, timeout_s=settings.sandbox_timeout,
@@ -233,6 +241,8 @@ def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
     also depends on its reference answer, stored in the record and rescored when it changes)."""
     out = {"task": task.name, "max_new_tokens": task.max_new_tokens, "generation_budget": budget,
            "stop_at_boxed": bool(settings.stop_at_boxed and task.stop)}
+    if early_stop(task, budget, settings) is not None:  # the default (full) leaves earlier records' key as it was
+        out["trap_policy"] = settings.trap_policy
     if task.program is not None:
         out["sandbox_timeout"] = settings.sandbox_timeout
     return out
