@@ -11,6 +11,7 @@ whose docstring is its help and whose options are derived from the settings obje
     taskprune recover  --model PRUNED --preset code|math --out DIR
     taskprune run      CONFIG.yaml [--out RUN_DIR]
     taskprune report   RUN_DIR
+    taskprune export   --model CHECKPOINT --out FILE.gguf [--quant f16|f32|bf16|q8_0|q4_k_m]
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import sys
 from pathlib import Path
 
 from taskprune import __version__
-from taskprune.commands import (cmd_capture, cmd_eval, cmd_generate, cmd_info, cmd_prune, cmd_recover, cmd_report,
-                                cmd_run, cmd_score)
+from taskprune.commands import (cmd_capture, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_prune, cmd_recover,
+                                cmd_report, cmd_run, cmd_score)
 from taskprune.errors import one_line, user_errors
 from taskprune.options import add_options, number
-from taskprune.settings import (CaptureSettings, DataDir, DataSets, EvalSettings, ModelSettings, PruneSettings,
-                                RecoverySettings, ScoreSettings)
+from taskprune.settings import (CaptureSettings, DataDir, DataSets, EvalSettings, ExportSettings, ModelSettings,
+                                PruneSettings, RecoverySettings, ScoreSettings)
 
 EPILOG = ("Models: a hub id, a local HF directory, a .gguf file, or a packaged name (smollm2-135m, "
           "qwen2.5-coder-0.5b, qwen2.5-coder-1.5b).")
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, cmd_generate, ModelSettings)
     p.add_argument("--prompt", required=True, help="user message (sent through the chat template if there is one)")
     p.add_argument("--max-new-tokens", type=number(int, 1), default=128, help="default 128")
+
+    from taskprune.export.gguf import supported
+    p = _command(sub, cmd_export, archs=supported())
+    add_options(p, ModelSettings, only=("model", "cache_dir"))
+    add_options(p, ExportSettings)
+    p.add_argument("--out", type=Path, required=True, help="the .gguf file to write (the Modelfile goes beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a GGUF file (and the Modelfile "
+                   "beside it if taskprune wrote it); anything else is refused")
     return parser
 
 

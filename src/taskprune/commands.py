@@ -11,8 +11,8 @@ from pathlib import Path
 
 from taskprune.atomic import check_replaceable
 from taskprune.options import from_args
-from taskprune.settings import (CaptureSettings, DataDir, DataSets, EvalSettings, ModelSettings, PruneSettings,
-                                RecoverySettings, ScoreSettings)
+from taskprune.settings import (CaptureSettings, DataDir, DataSets, EvalSettings, ExportSettings, ModelSettings,
+                                PruneSettings, RecoverySettings, ScoreSettings)
 
 
 def _data_dir(args) -> str | None:
@@ -171,3 +171,43 @@ def cmd_report(args) -> int:
     md, html = write_report(args.run_dir, args.out, args.reference)
     print(f"report: {html} (Markdown: {md})")
     return 0
+
+
+def cmd_export(args) -> int:
+    """export a checkpoint as GGUF for llama.cpp, Ollama and LM Studio (with an Ollama Modelfile)
+
+    Write the (pruned) checkpoint as one GGUF file: its tensors, the architecture metadata llama.cpp reads
+    (feed_forward_length is the pruned width), the tokenizer and chat template, and pruning.json's
+    essentials under taskprune.* keys. --quant f32, f16, bf16 and q8_0 are written by the gguf library,
+    q4_k_m by llama.cpp's quantizer (make gguf builds it). Beside it a Modelfile (the chat template as
+    Ollama's TEMPLATE, stop tokens, greedy decoding as in taskprune eval): ollama create NAME -f Modelfile.
+    Architectures: {archs}. Example: taskprune export --model out/ --out coder-pruned.gguf --quant q8_0"""
+    from taskprune.export import export_gguf, write_modelfile
+    from taskprune.export.gguf import ExportError, check_output
+    from taskprune.export.modelfile import check_modelfile
+    settings, model = from_args(ExportSettings, args), from_args(ModelSettings, args)
+    if args.out.suffix != ".gguf":
+        raise ExportError(f"--out {args.out} must name a .gguf file")
+    check_output(args.out, args.overwrite)
+    modelfile = args.out.parent / "Modelfile"
+    if settings.modelfile:
+        check_modelfile(modelfile, args.overwrite)
+    ckpt = _checkpoint_dir(model)
+    summary = export_gguf(ckpt, args.out, settings.quant)
+    print(f"wrote {args.out} ({summary['quant']}, {summary['bytes'] / 2**20:.1f} MiB, {summary['tensors']} tensors; "
+          f"{summary['architecture']}, feed_forward_length {summary['feed_forward_length']})")
+    if settings.modelfile:
+        write_modelfile(ckpt, args.out, modelfile)
+        print(f"Ollama: ollama create NAME -f {modelfile}")
+    return 0
+
+
+def _checkpoint_dir(model: ModelSettings) -> Path:
+    """The local checkpoint directory of a model spec (a packaged name or .gguf is converted once; a hub id is
+    fetched into the Hugging Face cache)."""
+    from taskprune.models.load import hub_offline, resolve_model_path
+    path, source = resolve_model_path(model.model, model.cache_dir)
+    if source["kind"] != "hub":
+        return Path(path)
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(path, local_files_only=hub_offline()))

@@ -145,5 +145,17 @@ class RecoverySettings:
                                 save_every=self.save_every)
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """A checkpoint exported for deployment (`taskprune export`)."""
+
+    format: Literal["gguf"] = option("gguf", help="gguf: one file for llama.cpp, Ollama and LM Studio")
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q4_k_m"] = option(
+        "f16", help="tensor type: f32 (exact), f16 (default, as llama.cpp's converter), bf16, q8_0 (gguf library); "
+                    "q4_k_m through llama.cpp's quantizer (needs llama-cpp-python: make gguf)")
+    modelfile: bool = option(True, help="also write an Ollama Modelfile beside the GGUF (default on; "
+                                        "--no-modelfile: only the GGUF)")
+
+
 __all__ = ["Dtype", "ModelSettings", "DataDir", "DataSets", "CaptureSettings", "ScoreSettings", "PruneSettings", "EvalSettings",
-           "RecoverySettings"]
+           "RecoverySettings", "ExportSettings"]
