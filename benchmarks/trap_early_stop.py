@@ -57,7 +57,7 @@ def compare(task_name: str, full: dict[str, dict], early: dict[str, dict]) -> di
 
 def replay_record(tokenizer, task, example, rec: dict, settings: EvalSettings) -> dict:
     """The record the early policy would have written for this full-policy record."""
-    rule = early_stop(task, rec["budget"], settings)
+    rule = early_stop(task, rec["budget"], settings, tokenizer)
     if rule is None:
         return rec
     # Every record past the task budget, those that ended by EOS too: a loop the model later left would

@@ -208,7 +208,7 @@ def encode_pair(tokenizer, user: str, assistant: str) -> tuple[list[int], list[i
 
 
 def _source_examples(source: str, data_dir) -> tuple[list[Example], str | None, dict]:
-    if source in ("gsm8k", "mbpp"):
+    if training_target(source) is not None:  # the training split of a data set a task trains on
         return load_examples(source, data_dir, "train"), "train", {}
     if source == "codefeedback":
         rows = load_examples("codefeedback", data_dir, "train")

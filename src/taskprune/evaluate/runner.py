@@ -34,6 +34,11 @@ from taskprune.models import LoadedModel, config_hash, weights_fingerprint
 from taskprune.settings import EvalSettings
 
 
+# Tokens past the task's budget before the early trap policy may end an output: the re-encoded text's
+# first budget tokens (the task's output) are then those of the full output.
+EARLY_MARGIN = 16
+
+
 def chat_prompt(tokenizer, message: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
@@ -85,16 +90,22 @@ def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path:
                 fh.flush()
                 done[rec["id"]] = rec
             generate(lm.model, lm.tokenizer, prompts, budget, batch_size=settings.batch_size, stop=stop,
-                     progress=progress, on_record=on_record, early=early_stop(task, budget, settings))
+                     progress=progress, on_record=on_record, early=early_stop(task, budget, settings, lm.tokenizer))
     return done
 
 
-def early_stop(task: Task, budget: int, settings: EvalSettings) -> EarlyStop | None:
-    """The `early` trap policy's rule: past the task's own budget (so its score is what the full run's
-    would be), an output already ending in a counted repetition loop is a trap whatever follows."""
+def early_stop(task: Task, budget: int, settings: EvalSettings, tokenizer) -> EarlyStop | None:
+    """The `early` trap policy's rule: an output already ending in a counted repetition loop is a trap
+    whatever follows. It is applied only once the text is well past the task's own budget as
+    `within_budget` counts it (re-encoded tokens, with a margin), so the task's output and score are
+    exactly the full run's."""
     if settings.trap_policy != "early" or budget <= task.max_new_tokens:
         return None
-    return EarlyStop(after=task.max_new_tokens, caught=repetition_loop)
+    enough = task.max_new_tokens + EARLY_MARGIN
+
+    def caught(text: str) -> bool:
+        return repetition_loop(text) and len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= enough
+    return EarlyStop(after=enough, caught=caught)
 
 
 def within_budget(tokenizer, rec: dict, budget: int) -> str:
@@ -241,7 +252,7 @@ def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
     also depends on its reference answer, stored in the record and rescored when it changes)."""
     out = {"task": task.name, "max_new_tokens": task.max_new_tokens, "generation_budget": budget,
            "stop_at_boxed": bool(settings.stop_at_boxed and task.stop)}
-    if early_stop(task, budget, settings) is not None:  # the default (full) leaves earlier records' key as it was
+    if settings.trap_policy != "full" and budget > task.max_new_tokens:  # the default (full) leaves earlier records' key as it was
         out["trap_policy"] = settings.trap_policy
     if task.program is not None:
         out["sandbox_timeout"] = settings.sandbox_timeout
