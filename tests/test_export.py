@@ -96,6 +96,30 @@ def test_f32_export_gives_the_checkpoints_logits(checkpoints, tmp_path, arch):
     assert tokenizer.chat_template == reference.chat_template
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sentencepiece_style_tokenizer_exports_with_scores_in_merge_order(checkpoints, tmp_path, arch):
+    """Llama 2 / Mistral / Gemma tokenizers (byte-fallback BPE over "▁" pieces): llama.cpp's "llama"
+    tokenizer, each piece scored minus the rank of the merge that makes it; transformers rebuilds the same
+    tokenizer from the file."""
+    import gguf
+    from transformers import AutoTokenizer
+    ckpt = checkpoints(arch, spm=True)
+    path = _export(ckpt, tmp_path / "f32", "f32")
+    assert _logit_gap(ckpt, path, arch) <= TOLERANCE["f32"]
+    reference, (_, tokenizer) = AutoTokenizer.from_pretrained(ckpt), _read(path, arch)
+    for prompt in [*tiny.PROMPTS, "  two  spaces", "ünïcode ✓"]:
+        assert tokenizer(prompt)["input_ids"] == reference(prompt)["input_ids"]
+    f = _fields(path)
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"]) == ("llama", "default")
+    assert f["tokenizer.ggml.add_space_prefix"] is (arch == "mistral")  # Gemma puts no "▁" before the text
+    assert f["tokenizer.ggml.eos_token_id"] == reference.eos_token_id
+    scores, types = f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    vocab = reference.get_vocab()
+    assert scores[vocab["▁t"]] == 0 and scores[vocab["he"]] == -1 and scores[vocab["▁the"]] == -2
+    assert types[vocab["<0x41>"]] == gguf.TokenType.BYTE and types[vocab["<unk>"]] == gguf.TokenType.UNKNOWN
+    assert types[reference.eos_token_id] == gguf.TokenType.CONTROL
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
 def test_reduced_precision_exports_stay_close(checkpoints, tmp_path, arch, quant):
@@ -243,14 +267,16 @@ def test_modelfile_translates_chatml_with_a_default_system_prompt_and_llama3():
     text = modelfile_text("m.gguf", tok, 258, 32768)
     assert 'SYSTEM """You are Qwen, a helpful assistant."""' in text and "PARAMETER num_ctx 4096" in text
 
-    tok.chat_template = (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-    tok.bos_token = "<|endoftext|>"
+    llama3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    tok.chat_template = llama3
     fmt, default = translate(tok)
     assert (fmt.name, default) == ("llama3", None)
     assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in fmt.go_template()
+    tok.bos_token = "<|endoftext|>"  # a BOS written by the template, which this tokenizer does not add itself:
+    tok.chat_template = "{{ bos_token }}" + llama3  # a TEMPLATE without it would lose it
+    assert translate(tok) is None
 
     tok.chat_template = "{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}### assistant:"
     assert translate(tok) is None

@@ -42,10 +42,33 @@ def bpe_tokenizer(split: str, ignore_merges: bool = False):
     return fast
 
 
+def spm_tokenizer(gemma: bool = False):
+    """A sentencepiece-style tokenizer (BPE over "▁"-marked pieces with byte fallback, as transformers builds
+    Llama 2 / Mistral's and Gemma's from their vocabulary and merges): the special tokens, the 256 byte
+    pieces, then pieces and merges up to 272 ids. Llama-style prepends "▁" to the text, Gemma-style not."""
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+    from transformers.models.llama.tokenization_llama import LlamaTokenizer
+
+    specials = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>") if gemma else ("<unk>", "<s>", "</s>")
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": len(vocab) + b for b in range(256)})
+    pieces = ["▁", "t", "h", "e", "a", "n", "d", "▁t", "he", "▁the", "nd", "▁a", "▁and"][:272 - len(vocab)]
+    vocab.update({piece: len(vocab) + i for i, piece in enumerate(pieces)})
+    merges = [m for m in [("▁", "t"), ("h", "e"), ("▁t", "he"), ("n", "d"), ("▁", "a"), ("▁a", "nd")]
+              if "".join(m) in vocab]
+    tokenizer = (GemmaTokenizer if gemma else LlamaTokenizer)(vocab=vocab, merges=merges)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token  # Llama 2 has none; tests pad batches
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    return tokenizer
+
+
 def pruned_checkpoint(arch: str, path: Path, ratio: float = 0.5, align: int = 32, d_ff: int = 256, layers: int = 2,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, spm: bool = False) -> Path:
     """A tiny random `arch` model (taskprune.models.synthetic), pruned `ratio` at random (seed 42) by
-    taskprune's surgery and saved with pruning.json at `path`."""
+    taskprune's surgery and saved with pruning.json at `path`; with the byte-level BPE tokenizer, or with
+    `spm` the sentencepiece-style one (the model's special ids set to its)."""
     from taskprune.models import LoadedModel
     from taskprune.models.adapters import get_adapter
     from taskprune.models.synthetic import tiny_model
@@ -53,7 +76,13 @@ def pruned_checkpoint(arch: str, path: Path, ratio: float = 0.5, align: int = 32
     from taskprune.plan import make_plan
 
     model = tiny_model(arch, d_ff=d_ff, layers=layers, seed=seed)
-    tokenizer = bpe_tokenizer(SPLIT[arch], ignore_merges=SPLIT[arch] == LLAMA3_SPLIT)
+    if spm:
+        tokenizer = spm_tokenizer(gemma=arch.startswith("gemma"))
+        for config in (model.config, model.generation_config):
+            config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+    else:
+        tokenizer = bpe_tokenizer(SPLIT[arch], ignore_merges=SPLIT[arch] == LLAMA3_SPLIT)
     lm = LoadedModel(model, tokenizer, get_adapter(model.config.model_type),
                      {"spec": f"tiny-{arch}", "kind": "synthetic", "revision": None})
     plan = make_plan(None, "random", ratio, align, 42, shape=(layers, d_ff))

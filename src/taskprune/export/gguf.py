@@ -402,6 +402,55 @@ def _bpe_vocab(tokenizer, vocab_size: int):
     return tokens, types
 
 
+def _spm_vocab(tokenizer, tokenizer_json: dict, vocab_size: int):
+    """Tokens, scores and types of a sentencepiece-style vocabulary from its tokenizer.json.
+
+    llama.cpp's sentencepiece tokenizer merges the adjacent pair whose joined piece scores highest; a
+    tokenizer.json lists merges by rank (transformers made them from the sentencepiece scores, best
+    first). So a piece scores minus the rank of the first merge that makes it, which gives llama.cpp the
+    same merge order (gguf's LlamaHfVocab, which the converter falls back to, scores every piece -1000)."""
+    import gguf
+    model = tokenizer_json["model"]
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(model.get("merges") or []):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(a + b, i)
+    unmade = -float(len(rank) + 1)  # a longer piece no merge makes: last
+    tokens, scores = [f"[PAD{i}]" for i in range(vocab_size)], [-1000.0] * vocab_size
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for token, i in model["vocab"].items():
+        if i >= vocab_size:
+            raise ExportError(f"the tokenizer has id {i}, past the model's vocab_size {vocab_size}")
+        tokens[i] = token
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            types[i], scores[i] = gguf.TokenType.BYTE, 0.0
+        elif token in (model.get("unk_token"), tokenizer.unk_token):
+            types[i], scores[i] = gguf.TokenType.UNKNOWN, 0.0
+        else:
+            types[i] = gguf.TokenType.NORMAL
+            scores[i] = -float(rank[token]) if token in rank else (0.0 if len(token) == 1 else unmade)
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if i >= vocab_size:
+            raise ExportError(f"the tokenizer has id {i}, past the model's vocab_size {vocab_size}")
+        if types[i] == gguf.TokenType.UNKNOWN:
+            continue
+        tokens[i], scores[i] = added.content, -1000.0
+        types[i] = gguf.TokenType.CONTROL if added.special or _looks_special(added.content) else \
+            gguf.TokenType.USER_DEFINED
+    return tokens, scores, types
+
+
+def _spm_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether the tokenizer puts a "▁" before the text (Llama 2, Mistral: yes; Gemma: no)."""
+    for part in (tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")):
+        for step in (part or {}).get("normalizers", (part or {}).get("pretokenizers", [part or {}])):
+            if step.get("type") == "Prepend" and step.get("prepend") == "\u2581":
+                return True
+            if step.get("type") == "Metaspace":
+                return step.get("prepend_scheme", "always") != "never" and step.get("add_prefix_space", True)
+    return False
+
+
 def _tokenizer(w, ckpt: Path, hp: dict) -> None:
     import gguf
     from transformers import AutoTokenizer
@@ -422,19 +471,14 @@ def _tokenizer(w, ckpt: Path, hp: dict) -> None:
         w.add_token_list(tokens)
         w.add_token_types(types)
     elif model.get("type") == "BPE":  # sentencepiece-style (byte fallback): Llama 2, Mistral, Gemma
-        vocab = gguf.LlamaHfVocab(ckpt)
-        entries = list(vocab.all_tokens())
-        if len(entries) > vocab_size:
-            raise ExportError(f"the tokenizer has {len(entries)} tokens, past the model's vocab_size {vocab_size}")
-        entries += [(f"[PAD{i}]".encode(), -1000.0, gguf.TokenType.UNUSED) for i in range(len(entries), vocab_size)]
+        tokens, scores, types = _spm_vocab(tokenizer, tokenizer_json, vocab_size)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        w.add_token_list([t for t, _, _ in entries])
-        w.add_token_scores([s for _, s, _ in entries])
-        w.add_token_types([k for _, _, k in entries])
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(_spm_space_prefix(tokenizer_json))
         special = gguf.SpecialVocab(ckpt, n_vocab=vocab_size)
-        if hp["model_type"].startswith("gemma"):
-            w.add_add_space_prefix(False)
     else:
         raise ExportError(f"tokenizer model {model.get('type')!r} is not exported (byte-level BPE and "
                           f"sentencepiece-style BPE are)")

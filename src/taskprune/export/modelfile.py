@@ -66,22 +66,31 @@ def _hf(tokenizer, messages: list[dict]) -> str | None:
         return None
 
 
+def _without_bos(text: str | None, bos: str, ours: str) -> tuple[str | None, str]:
+    """The template's text without a leading BOS the turn format does not write (the tokenizer adds BOS
+    through add_bos, and llama.cpp does the same from the GGUF), and the format's text."""
+    if text is not None and bos and text.startswith(bos) and not ours.startswith(bos):
+        text = text[len(bos):]
+    return text, ours
+
+
 def translate(tokenizer) -> tuple[TurnFormat, str | None] | None:
     """(the turn format, the default system prompt or None) that reproduces the tokenizer's chat template
     on the probe conversations, or None when none does."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    bos = tokenizer.bos_token or ""
+    # A BOS the template writes as text is left to the tokenizer only where it adds one itself (llama.cpp then
+    # does too, from the GGUF's add_bos flag).
+    ids = tokenizer("a")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id
+    bos = tokenizer.bos_token if adds_bos else ""
     for fmt in FORMATS:
         default, ok = None, True
         for probe in _PROBES:
-            text = _hf(tokenizer, probe)
+            text, ours = _without_bos(_hf(tokenizer, probe), bos, fmt.render(probe))
             if text is None:
                 ok = False
                 break
-            if bos and text.startswith(bos) and not fmt.render(probe).startswith(bos):
-                text = text[len(bos):]  # BOS comes from the tokenizer (add_bos), not the template
-            ours = fmt.render(probe)
             if text != ours and fmt.system and text.endswith(ours):
                 head = fmt.head.format(role="system")
                 inserted = text[:-len(ours)]
@@ -94,10 +103,8 @@ def translate(tokenizer) -> tuple[TurnFormat, str | None] | None:
                 ok = False
                 break
         if ok and fmt.system:
-            text = _hf(tokenizer, _SYSTEM_PROBE)
-            if text is not None and bos and text.startswith(bos):
-                text = text[len(bos):]
-            ok = text is None or text == fmt.render(_SYSTEM_PROBE)
+            text, ours = _without_bos(_hf(tokenizer, _SYSTEM_PROBE), bos, fmt.render(_SYSTEM_PROBE))
+            ok = text is None or text == ours
         if ok:
             return fmt, default
     return None
