@@ -113,3 +113,43 @@ def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_pruned(tiny_model("llama"), byte_tokenizer(), tmp_path / "out", {})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shard", ["60KB", None])
+def test_checkpoint_surgery_equals_model_surgery(arch, shard, tmp_path):
+    """Pruning the checkpoint shard by shard, with no model, gives the in-memory surgery's tensors (sharded
+    or single-file), a shard index, the tokenizer, and a checkpoint stock transformers loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from taskprune.surgery import INDEX, prune_checkpoint
+    model = tiny_model(arch)
+    src = tmp_path / "src"
+    model.save_pretrained(src, **({"max_shard_size": shard} if shard else {}))
+    byte_tokenizer().save_pretrained(src)
+    plan = make_plan(None, "random", 0.3, align=16, seed=7, shape=(2, 256))
+    record = prune_checkpoint(src, plan, tmp_path / "out", {"plan": plan.to_dict(), "scorer": None,
+                                                            "source_model": {"spec": str(src)}})
+    out = tmp_path / "out"
+    assert (out / INDEX).is_file() == (shard is not None) and (out / "tokenizer_config.json").is_file()
+    streamed = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    expected = prune_model(model, get_adapter(model.config.model_type), plan).state_dict()
+    assert set(streamed) <= set(expected)
+    for name, t in streamed.items():
+        assert torch.equal(t, expected[name]), name
+    assert record["parameters"]["after"] == sum(t.numel() for t in streamed.values())
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.intermediate_size == plan.kept_width
+    ids = _inputs()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-6)
+
+
+def test_checkpoint_surgery_refuses_another_models_plan(tmp_path):
+    from taskprune.surgery import prune_checkpoint
+    tiny_model("qwen2").save_pretrained(tmp_path / "src")
+    plan = make_plan(None, "random", 0.3, align=16, seed=7, shape=(2, 512))
+    with pytest.raises(ValueError, match="plan is for 2 layers of d_ff 512"):
+        prune_checkpoint(tmp_path / "src", plan, tmp_path / "out", {})
+    assert not (tmp_path / "out").exists()

@@ -112,6 +112,23 @@ class GatedMLPAdapter:
         """Per-neuron weights: gate and up rows `[d_ff, d]`, down columns as rows `[d_ff, d]`."""
         return {"gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight.T}
 
+    # A layer's MLP tensors in a checkpoint, by name after `<layers>.<i>.`: the dimension that runs over
+    # the intermediate neurons and how many d_ff blocks it holds (2 where gate and up are fused).
+    mlp_tensors: ClassVar[Mapping[str, tuple[int, int]]] = MappingProxyType({
+        "mlp.gate_proj.weight": (0, 1), "mlp.gate_proj.bias": (0, 1), "mlp.up_proj.weight": (0, 1),
+        "mlp.up_proj.bias": (0, 1), "mlp.down_proj.weight": (1, 1)})
+    layers_prefix: ClassVar[str] = "model.layers."
+
+    def checkpoint_slice(self, name: str) -> tuple[int, int, int] | None:
+        """For a checkpoint tensor name, `(layer, dim, blocks)` if it is an MLP tensor that pruning slices
+        (surgery on the checkpoint itself, without a model), else None."""
+        if not name.startswith(self.layers_prefix):
+            return None
+        layer, _, rest = name[len(self.layers_prefix):].partition(".")
+        if not layer.isdigit() or rest not in self.mlp_tensors:
+            return None
+        return (int(layer), *self.mlp_tensors[rest])
+
 
 @dataclass(frozen=True)
 class FusedGateUpAdapter(GatedMLPAdapter):
@@ -126,6 +143,9 @@ class FusedGateUpAdapter(GatedMLPAdapter):
         keep = keep.to(mlp.gate_up_proj.weight.device)
         _slice_linear(mlp.gate_up_proj, torch.cat([keep, keep + d_ff]), 0)
         _slice_linear(mlp.down_proj, keep, 1)
+
+    mlp_tensors: ClassVar[Mapping[str, tuple[int, int]]] = MappingProxyType({
+        "mlp.gate_up_proj.weight": (0, 2), "mlp.down_proj.weight": (1, 1)})
 
     def weight_rows(self, mlp: nn.Module) -> dict[str, torch.Tensor]:
         gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
