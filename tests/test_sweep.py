@@ -176,3 +176,24 @@ def test_an_older_results_database_gains_the_kind_and_metric_columns(tmp_path):
     store.put(ResultRow("v", "mbpp", "selective", 0.1, 0.1, False, accuracy=0.25, kind="accuracy", metric="accuracy"))
     assert {(r["variant"], r["kind"], r["metric"]) for r in store.rows()} == {
         ("base", None, None), ("v", "accuracy", "accuracy")}
+
+
+def test_without_ray_the_ray_executor_is_one_line_naming_the_extra(tiny_dir, tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    assert main(["run", str(_config(tmp_path, tiny_dir)), "--out", str(tmp_path / "run"), "--executor", "ray"]) == 2
+    assert capsys.readouterr().err.strip() == ("taskprune run: error: --executor ray needs Ray, which is not "
+                                               "installed: pip install 'taskprune[ray]'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resources_are_not_part_of_a_studys_identity(tiny_dir, tmp_path):
+    """Where a study runs (`resources`, read by the Ray executor) is not what it is: a study started on one
+    machine resumes on a cluster."""
+    plain = load_config(_config(tmp_path, tiny_dir))
+    sweep.Study(plain, tmp_path / "run", progress=False).start()
+    on_gpus = load_config(_config(tmp_path, tiny_dir, resources={"num_gpus": 1, "num_cpus": 4, "max_retries": 0}))
+    assert (on_gpus.resources.num_gpus, on_gpus.resources.num_cpus, on_gpus.hash()) == (1.0, 4.0, plain.hash())
+    assert sweep.Study(on_gpus, tmp_path / "run", progress=False).resuming
+    with pytest.raises(ConfigError, match="resources.num_gpus: -1.0 is below the minimum 0"):
+        load_config(_config(tmp_path, tiny_dir, resources={"num_gpus": -1}))

@@ -9,7 +9,7 @@ whose docstring is its help and whose options are derived from the settings obje
     taskprune eval     --model M --tasks gsm8k,humaneval,squad-sim,dialogue-sim --limit N --out DIR
     taskprune generate --model M --prompt TEXT
     taskprune recover  --model PRUNED --preset code|math --out DIR
-    taskprune run      CONFIG.yaml [--out RUN_DIR]
+    taskprune run      CONFIG.yaml [--out RUN_DIR] [--executor local|ray [--address ADDR]]
     taskprune report   RUN_DIR
     taskprune export   --model CHECKPOINT --out FILE.gguf [--quant f16|f32|bf16|q8_0|q4_k_m]
 """
@@ -73,6 +73,7 @@ def _reference(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from taskprune.data.multiple_choice import MC_SETS
     from taskprune.evaluate.tasks import MC_PREFIX, TASKS
+    from taskprune.executors import EXECUTORS
     from taskprune.scoring import scorer_help
     parser = _Parser(prog="taskprune", description="Task-specific structured pruning of LLM MLP neurons "
                                                    "(arXiv 2604.27115).", epilog=EPILOG)
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", action="append", default=None, help="evaluate only these of the config's tasks in "
                    "this run (comma-separated), e.g. a held-out task for every cell first; a later run without "
                    "--tasks fills in the rest")
+    p.add_argument("--executor", choices=EXECUTORS, default="local", help="where the jobs run: local (this process, "
+                   "one after another; the default) or ray (each job a Ray task with the config's resources; needs "
+                   "pip install 'taskprune[ray]')")
+    p.add_argument("--address", default=None, help="with --executor ray: the Ray cluster to join (auto, or "
+                   "HOST:PORT); default: start a local Ray instance")
     _reference(p)
     p = _command(sub, cmd_report)
     p.add_argument("run_dir", type=Path, help="a study directory made by taskprune run")

@@ -147,16 +147,21 @@ def cmd_run(args) -> int:
     """run a whole study from a YAML config (resumable) and write its report
 
     Capture once, then prune, (recover,) and evaluate every cell of the config; one SQLite row per
-    variant x task. Kill it and run it again to continue."""
+    variant x task. Kill it and run it again to continue. --executor ray runs each cell as a Ray task with
+    the config's resources (num_gpus, num_cpus per cell); the study directory must be a path every worker
+    sees."""
     from taskprune.config import load_config
+    from taskprune.executors import make_executor
     from taskprune.sweep import run_study
+    executor = make_executor(args.executor, args.address)  # Ray missing or a stray --address: said now
     cfg = load_config(args.config)
     if args.reference is not None:  # a bad reference file fails now, not after the study
         from taskprune.report.reference import load_reference
         load_reference(args.reference, [])
     run_dir, start = args.out or Path("runs") / cfg.name, time.perf_counter()
     tasks = tuple(t for value in args.tasks for t in value.split(",") if t) if args.tasks else None
-    run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=_data_dir(args), tasks=tasks)
+    run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=_data_dir(args), tasks=tasks,
+              executor=executor)
     if not args.no_report:
         cmd_report(argparse.Namespace(run_dir=run_dir, out=None, reference=args.reference))
     print(f"study {cfg.name} finished in {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.sqlite'}")

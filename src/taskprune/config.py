@@ -5,7 +5,7 @@ commands use (`taskprune.settings`); unknown keys and bad values are errors nami
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -28,6 +28,17 @@ class RecoveryPlan(RecoverySettings):
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What each job of a study (the capture, the baseline, one variant) asks of a Ray cluster under
+    `taskprune run --executor ray`; the local executor runs everything in its own process and reads none."""
+
+    num_gpus: float = option(0.0, min=0, help="GPUs per job (0: CPU only; a fraction shares a GPU)")
+    num_cpus: float = option(1.0, min=0, help="CPUs per job")
+    max_retries: int = option(3, min=0, help="times a job whose worker died is run again (it resumes from the "
+                                             "per-sample records of the attempts before)")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     model: str
@@ -46,9 +57,12 @@ class StudyConfig:
     capture: CaptureSettings = CaptureSettings()
     recovery: RecoveryPlan = RecoveryPlan()
     evaluation: EvalSettings = EvalSettings()
+    resources: Resources = Resources()
 
     def hash(self) -> str:
-        return settings_hash(self)[:12]
+        """The study's identity: what makes its results (so not where they are made: `resources` is left out,
+        and a study started on one machine resumes on a cluster)."""
+        return settings_hash(replace(self, resources=Resources()))[:12]
 
 
 def to_dict(obj) -> dict:

@@ -19,6 +19,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exception types that are the user's to fix (imported here, not at start-up: they pull in torch)."""
     from taskprune.data import DataError
     from taskprune.evaluate.sandbox import SandboxUnavailable
+    from taskprune.executors import ExecutorError
     from taskprune.models import ModelLoadError, UnsupportedArchitectureError
     from taskprune.options import ConfigError
     from taskprune.plan import PlanError
@@ -26,7 +27,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from taskprune.recover import RecoveryError
     from taskprune.results import ResultsError
     return (ConfigError, RecoveryError, DataError, ModelLoadError, UnsupportedArchitectureError, PlanError,
-            ProfileError, ResultsError, SandboxUnavailable, ValueError, OSError)
+            ProfileError, ResultsError, SandboxUnavailable, ExecutorError, ValueError, OSError)
 
 
 def one_line(err: Exception) -> str:

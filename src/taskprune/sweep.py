@@ -5,6 +5,10 @@ Each artifact is cached by what made it: the profile by the capture settings and
 per-sample evaluation records by variant and evaluation settings, result rows by variant and task.
 Killed at any moment and started again, a study continues where it stopped; rows are written with
 `INSERT OR REPLACE` once a variant x task is complete, so none is lost or duplicated.
+
+`Study` is the driver (it plans the jobs and alone writes `results.sqlite`), `Variants` makes and
+evaluates a variant in whichever process runs it, and an executor (`taskprune.executors`) runs the
+jobs: in this process one after another (the default), or as Ray tasks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +28,7 @@ from taskprune.atomic import OutputExistsError, check_writable
 from taskprune.config import ConfigError, StudyConfig, check_model_fits, to_dict
 from taskprune.evaluate.runner import evaluate, item_scores, read_records
 from taskprune.evaluate.tasks import SIMILARITY, get_task
+from taskprune.executors import Executor, LocalExecutor
 from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.models.load import model_d_ff
 from taskprune.options import settings_hash
@@ -81,12 +87,30 @@ def _eval_key(cfg: StudyConfig) -> str:
     return hashlib.sha256((settings_hash(cfg.evaluation) + cfg.dtype).encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One variant to make and evaluate on the tasks it still lacks: what the driver hands an executor."""
+
+    cell: Cell | None  # None: the unpruned baseline
+    recovered: bool
+    tasks: tuple[str, ...]
+    label: str  # its progress line, e.g. "[3/5] random-r0.25-s42"
+
+    @property
+    def name(self) -> str:
+        return "base" if self.cell is None else self.cell.name(self.recovered)
+
+
+Stored = tuple[ResultRow, list[dict]]  # one variant x task row and its per-item scores, as the store takes them
+
+
 class Study:
-    """One study directory: config, profile, per-variant evaluations, `results.sqlite`, report."""
+    """One study directory: config, profile, per-variant evaluations, `results.sqlite`, report. This is the
+    driver: it plans the jobs and is the only writer of `results.sqlite`; an executor runs the jobs."""
 
     def __init__(self, cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
                  data_dir: str | None = None, tasks: tuple[str, ...] | None = None):
-        self.cfg, self.dir, self.keep, self.progress, self.data_dir = cfg, Path(run_dir), keep_checkpoints, progress, data_dir
+        self.cfg, self.dir = cfg, Path(run_dir)
         unknown = [t for t in tasks or () if t not in cfg.evaluation.tasks]
         if unknown:
             raise ValueError(f"tasks {unknown} are not in the config's evaluation.tasks "
@@ -100,8 +124,7 @@ class Study:
             check_model_fits(cfg, d_ff)
         self.store: ResultStore | None = None
         self.created: Path | None = None  # set by start(): the outermost directory it made
-        self.eval_key = _eval_key(cfg)
-        self.similarity = None
+        self.variants = Variants(cfg, self.dir, keep_checkpoints, progress, data_dir)
 
     def _check_dir(self) -> bool:
         """Whether the study directory holds this study already (a resumption); nothing is written.
@@ -145,115 +168,32 @@ class Study:
             saved.write_text(yaml.safe_dump({**to_dict(self.cfg), "_hash": self.cfg.hash()}, sort_keys=False))
         self.store = ResultStore(self.dir / "results.sqlite")
 
-    def log(self, msg: str) -> None:
-        if self.progress:
-            print(msg, flush=True)
+    def stages(self) -> list[list[Job]]:
+        """The jobs still to do, in stages an executor finishes one after another: the baseline, then every
+        variant of `work` in its order; a variant done already is left out. With a similarity task every
+        variant is compared with the baseline's answers, so the baseline is then a stage of its own."""
+        similarity = any(get_task(t).output_type == SIMILARITY for t in self.tasks)
+        base = [Job(None, False, self._todo("base"), "baseline (unpruned)")] if self.cfg.baseline or similarity else []
+        cells = [Job(cell, recovered, self._todo(name), f"[{k}/{len(self.work)}] {name}")
+                 for k, (cell, recovered) in enumerate(self.work, 1) for name in [cell.name(recovered)]]
+        for job in base + cells:
+            if not job.tasks:
+                self.variants.log(f"== {job.label}: done already")
+        base, cells = [j for j in base if j.tasks], [j for j in cells if j.tasks]
+        return [stage for stage in ([base, cells] if similarity else [base + cells]) if stage]
 
-    # -- stages ---------------------------------------------------------------------------------
+    def _todo(self, variant: str) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks if not self.store.has(variant, t))
 
-    def profile(self, lm: LoadedModel):
-        from taskprune.scoring import NEEDS_GRADIENTS
-        c = self.cfg.capture
-        needed = {NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}
-        settings = replace(c, gradients=tuple(sorted(needed | set(c.gradients))))
-        path = self.dir / "profile"
-        if (path / "profile.json").is_file():
-            profile = load_profile(path)
-            profile.check_model(config_hash(lm.model.config), where=str(path))
-            self.log(f"reusing profile {path}")
-        else:
-            profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
-                                      progress=self.progress)
-            save_profile(profile, path)
-        layers_file = self.dir / "layers.json"
-        if not layers_file.is_file():
-            sel = score("selectivity", profile)
-            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
-                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
-        return profile
+    def put(self, stored: Stored) -> None:
+        self.store.put(*stored)
 
-    def _settings(self, first: bool) -> EvalSettings:
-        """The study's evaluation settings; the batch-1 speed is measured with a variant's first task only."""
-        e = self.cfg.evaluation
-        return e if first else replace(e, speed_prompts=0)
-
-    def _similarity(self):
-        if self.similarity is None:
-            from taskprune.evaluate.similarity import SimilarityScorer
-            self.similarity = SimilarityScorer()
-        return self.similarity
-
-    def _references(self, task: str) -> dict[str, str] | None:
-        if get_task(task).output_type != SIMILARITY:
-            return None
-        base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / get_task(task).records_file)
-        return {i: r.get("task_output", r["output"]) for i, r in base.items()}
-
-    def evaluate_variant(self, lm: LoadedModel, variant: str, cell: Cell | None, exact_ratio: float,
-                         recovered: bool) -> None:
-        """Evaluate every task not yet stored for `variant` and store one row per task."""
-        todo = [t for t in self.tasks if not self.store.has(variant, t)]
-        if not todo:
-            self.log(f"{variant}: done already")
-            return
-        out = self.dir / "eval" / f"{variant}-{self.eval_key}"
-        batch1 = None
-        for i, task in enumerate(todo):
-            start = time.perf_counter()
-            sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
-            # The baseline is its own reference; every other variant is compared with the baseline's answers.
-            refs = None if variant == "base" else {task: self._references(task)}
-            # The variant names the model (a recovery redone after a crash may differ in the last bits), with
-            # the dtype it runs in: `dtype: auto` resumed on a machine without native bf16 picks fp32, and its
-            # records must not be mixed with bf16 ones.
-            identity = {"study": self.cfg.hash(), "variant": variant,
-                        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
-            summary = evaluate(lm, [task], out, self._settings(first=i == 0), refs, sim,
-                               progress=self.progress, identity=identity, data_dir=self.data_dir)
-            res, t = summary["resources"], summary["tasks"][task]
-            batch1 = res["tokens_per_s_batch1"] or batch1
-            items = item_scores(get_task(task), out)
-            self.store.put(ResultRow(
-                variant=variant, task=task, strategy=cell.strategy if cell else "none",
-                ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
-                model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
-                capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
-                scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
-                kind=get_task(task).kind, metric=get_task(task).metric,
-                accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
-                type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
-                parameters=res["parameters"], checkpoint_bytes=res["weight_bytes"],  # weights at the evaluation dtype
-                peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
-                tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
-                config_hash=self.cfg.hash()), items)
-
-    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int) -> None:
-        from taskprune.recover import recover
-        variant = cell.name(recovered=True)
-        ckpt = self.dir / "checkpoints"
-        pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
-        if not (rec_dir / "config.json").is_file():
-            if not (pruned_dir / "config.json").is_file():
-                save_pruned(model, lm.tokenizer, pruned_dir, {
-                    "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
-                    "parameters": {"before": params_before, "after": parameter_count(model)}}, overwrite=True)
-            r = self.cfg.recovery
-            recover(str(pruned_dir), r.preset, rec_dir, r.config(), data=r.data, data_dir=self.data_dir,
-                    dtype=self.cfg.dtype, overwrite=True, progress=self.progress)
-        recovered = load_model(str(rec_dir), self.cfg.dtype)
-        self.evaluate_variant(recovered, variant, cell, plan.exact_ratio, recovered=True)
-        if not self.keep:
-            shutil.rmtree(pruned_dir, ignore_errors=True)
-            shutil.rmtree(rec_dir, ignore_errors=True)
-
-    def run(self) -> Path:
-        cfg = self.cfg
-        lm = load_model(cfg.model, cfg.dtype)
-        check_model_fits(cfg, lm.adapter.d_ff(lm.model))  # before anything is written
+    def run(self, executor: Executor | None = None) -> Path:
+        """Run the study's jobs on `executor` (default: this process, one after another)."""
         existed = self.dir.exists()
         try:
-            self.start()
-            return self._run(lm)
+            (executor or LocalExecutor()).run(self)
+            return self.dir
         except Exception:
             # A start that fails on its input (a data set, the first evaluation, a full disk) before any
             # result is stored leaves nothing behind, so the corrected config starts afresh; an interrupt
@@ -283,33 +223,136 @@ class Study:
                 else:
                     child.unlink(missing_ok=True)
 
-    def _run(self, lm: LoadedModel) -> Path:
-        cfg = self.cfg
-        profile = self.profile(lm)
-        if cfg.baseline or any(get_task(t).output_type == SIMILARITY for t in self.tasks):
-            self.log("== baseline (unpruned)")
-            self.evaluate_variant(lm, "base", None, 0.0, recovered=False)
-        for k, (cell, recovered) in enumerate(self.work, 1):
-            name = cell.name(recovered)
-            if all(self.store.has(name, t) for t in self.tasks):
-                self.log(f"== [{k}/{len(self.work)}] {name}: done already")
-                continue
-            self.log(f"== [{k}/{len(self.work)}] {name}"
-                     + (f" (LoRA recovery, preset {cfg.recovery.preset})" if recovered else ""))
-            plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
-                                        cell.seed, model=lm.model, adapter=lm.adapter)
-            model = prune_model(copy.deepcopy(lm.model), lm.adapter, plan)  # lm.model stays unpruned
-            if recovered:
-                self.recover_variant(lm, cell, plan, model, parameter_count(lm.model))
-            else:
-                variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
-                self.evaluate_variant(variant_lm, name, cell, plan.exact_ratio, recovered=False)
-                del variant_lm
-            del model
-        return self.dir
+
+class Variants:
+    """A study's variants made and evaluated in one process (the driver's, or a worker's): the profile
+    captured or read back, a cell pruned (and recovered) and evaluated into the study directory, each
+    task's row handed to whoever stores it. `results.sqlite` is never opened here."""
+
+    def __init__(self, cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
+                 data_dir: str | None = None):
+        self.cfg, self.dir, self.keep, self.progress = cfg, Path(run_dir), keep_checkpoints, progress
+        self.data_dir = data_dir
+        self.eval_key = _eval_key(cfg)
+        self.similarity = None
+
+    def log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    def profile(self, lm: LoadedModel):
+        from taskprune.scoring import NEEDS_GRADIENTS
+        c = self.cfg.capture
+        needed = {NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}
+        settings = replace(c, gradients=tuple(sorted(needed | set(c.gradients))))
+        path = self.dir / "profile"
+        if (path / "profile.json").is_file():
+            profile = load_profile(path)
+            profile.check_model(config_hash(lm.model.config), where=str(path))
+            self.log(f"reusing profile {path}")
+        else:
+            profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
+                                      progress=self.progress)
+            save_profile(profile, path)
+        layers_file = self.dir / "layers.json"
+        if not layers_file.is_file():
+            sel = score("selectivity", profile)
+            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
+                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
+        return profile
+
+    def rows(self, job: Job, lm: LoadedModel, profile, in_place: bool = False) -> Iterator[Stored]:
+        """Make `job`'s variant from the unpruned `lm` and evaluate it, yielding each task's row as it is done.
+        `in_place` prunes `lm.model` itself (a worker's own copy) instead of a copy of it."""
+        if job.cell is None:
+            self.log(f"== {job.label}")
+            yield from self.evaluate_variant(lm, "base", None, 0.0, False, job.tasks)
+            return
+        cell, cfg = job.cell, self.cfg
+        self.log(f"== {job.label}" + (f" (LoRA recovery, preset {cfg.recovery.preset})" if job.recovered else ""))
+        plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
+                                    cell.seed, model=lm.model, adapter=lm.adapter)
+        params_before = parameter_count(lm.model)
+        model = prune_model(lm.model if in_place else copy.deepcopy(lm.model), lm.adapter, plan)
+        if job.recovered:
+            yield from self.recover_variant(lm, cell, plan, model, params_before, job.tasks)
+        else:
+            variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
+            yield from self.evaluate_variant(variant_lm, job.name, cell, plan.exact_ratio, False, job.tasks)
+
+    def _settings(self, first: bool) -> EvalSettings:
+        """The study's evaluation settings; the batch-1 speed is measured with a variant's first task only."""
+        e = self.cfg.evaluation
+        return e if first else replace(e, speed_prompts=0)
+
+    def _similarity(self):
+        if self.similarity is None:
+            from taskprune.evaluate.similarity import SimilarityScorer
+            self.similarity = SimilarityScorer()
+        return self.similarity
+
+    def _references(self, task: str) -> dict[str, str] | None:
+        if get_task(task).output_type != SIMILARITY:
+            return None
+        base = read_records(self.dir / "eval" / f"base-{self.eval_key}" / get_task(task).records_file)
+        return {i: r.get("task_output", r["output"]) for i, r in base.items()}
+
+    def evaluate_variant(self, lm: LoadedModel, variant: str, cell: Cell | None, exact_ratio: float,
+                         recovered: bool, tasks: tuple[str, ...]) -> Iterator[Stored]:
+        """Evaluate `variant` on `tasks`, yielding one row per task."""
+        out = self.dir / "eval" / f"{variant}-{self.eval_key}"
+        batch1 = None
+        for i, task in enumerate(tasks):
+            start = time.perf_counter()
+            sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
+            # The baseline is its own reference; every other variant is compared with the baseline's answers.
+            refs = None if variant == "base" else {task: self._references(task)}
+            # The variant names the model (a recovery redone after a crash may differ in the last bits), with
+            # the dtype it runs in: `dtype: auto` resumed on a machine without native bf16 picks fp32, and its
+            # records must not be mixed with bf16 ones.
+            identity = {"study": self.cfg.hash(), "variant": variant,
+                        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
+            summary = evaluate(lm, [task], out, self._settings(first=i == 0), refs, sim,
+                               progress=self.progress, identity=identity, data_dir=self.data_dir)
+            res, t = summary["resources"], summary["tasks"][task]
+            batch1 = res["tokens_per_s_batch1"] or batch1
+            items = item_scores(get_task(task), out)
+            yield ResultRow(
+                variant=variant, task=task, strategy=cell.strategy if cell else "none",
+                ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
+                model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
+                capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
+                scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
+                kind=get_task(task).kind, metric=get_task(task).metric,
+                accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
+                type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
+                parameters=res["parameters"], checkpoint_bytes=res["weight_bytes"],  # weights at the evaluation dtype
+                peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
+                tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
+                config_hash=self.cfg.hash()), items
+
+    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int,
+                        tasks: tuple[str, ...]) -> Iterator[Stored]:
+        from taskprune.recover import recover
+        variant = cell.name(recovered=True)
+        ckpt = self.dir / "checkpoints"
+        pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
+        if not (rec_dir / "config.json").is_file():
+            if not (pruned_dir / "config.json").is_file():
+                save_pruned(model, lm.tokenizer, pruned_dir, {
+                    "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
+                    "parameters": {"before": params_before, "after": parameter_count(model)}}, overwrite=True)
+            r = self.cfg.recovery
+            recover(str(pruned_dir), r.preset, rec_dir, r.config(), data=r.data, data_dir=self.data_dir,
+                    dtype=self.cfg.dtype, overwrite=True, progress=self.progress)
+        recovered = load_model(str(rec_dir), self.cfg.dtype)
+        yield from self.evaluate_variant(recovered, variant, cell, plan.exact_ratio, True, tasks)
+        if not self.keep:
+            shutil.rmtree(pruned_dir, ignore_errors=True)
+            shutil.rmtree(rec_dir, ignore_errors=True)
 
 
 def run_study(cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
-              data_dir: str | None = None, tasks: tuple[str, ...] | None = None) -> Path:
-    return Study(cfg, run_dir, keep_checkpoints, progress, data_dir, tasks).run()
-
+              data_dir: str | None = None, tasks: tuple[str, ...] | None = None,
+              executor: Executor | None = None) -> Path:
+    return Study(cfg, run_dir, keep_checkpoints, progress, data_dir, tasks).run(executor)
