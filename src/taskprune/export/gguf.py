@@ -201,7 +201,7 @@ def _plan_tensors(tensors: _Tensors, hp: dict, arch: _Arch, want) -> list[_Plann
     import gguf
     n_layers = hp["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.name), n_layers)
-    tied = bool(hp.get("tie_word_embeddings", arch.drop_lm_head))
+    tied = bool(hp.get("tie_word_embeddings")) or arch.drop_lm_head
     n_head, n_kv = hp["num_attention_heads"], hp.get("num_key_value_heads", hp["num_attention_heads"])
     planned: list[_Planned] = []
     rope = _rope(hp)
@@ -562,6 +562,13 @@ def write_gguf(ckpt: Path, out: Path, quant: str = DEFAULT_QUANT, progress: bool
     if model_type not in ARCHS:
         raise ExportError(f"architecture {model_type!r} has no GGUF export; supported: {supported()}")
     arch = ARCHS[model_type]
+    # The config as transformers runs it: config.json over the class defaults (tie_word_embeddings, eps, ...).
+    from transformers import AutoConfig
+    hp = {**AutoConfig.from_pretrained(ckpt).to_dict(), **hp}
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                           "max_position_embeddings", "rms_norm_eps", "vocab_size") if hp.get(k) is None]
+    if missing:
+        raise ExportError(f"{ckpt / 'config.json'} has no {', '.join(missing)}; is it a stock {model_type} checkpoint?")
     want, file_type = _qtype_of(quant)
     planned = _plan_tensors(_Tensors(ckpt), hp, arch, want)
 
