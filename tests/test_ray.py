@@ -128,3 +128,13 @@ def test_run_executor_ray_on_the_command_line(local_ray, study, tmp_path, capsys
     assert "--address is the Ray cluster to join; it needs --executor ray" in capsys.readouterr().err
     assert not (tmp_path / "run2").exists()
 
+
+
+def test_a_failing_job_stops_the_study_with_its_own_one_line_error(local_ray, tiny_dir, tmp_path, capsys):
+    """An error in a job (not a dead worker) is not retried: the study stops with the worker's error, said as
+    the local executor says it, and a study that stored nothing leaves nothing behind."""
+    path = _config(tmp_path, tiny_dir, target=str(tmp_path / "nope.jsonl"), recovery={"enabled": False})
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--executor", "ray", "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("taskprune run: error: ") and "nope.jsonl" in err and "does not exist" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -55,9 +55,8 @@ def _on_worker(variants: Variants, job: Job | None) -> list[Stored]:
     """One job in a Ray worker: the model loaded here (on the GPU Ray gave the task, else on the CPU), the
     study's profile captured (job None: the capture job) or read back from the study directory, then the
     job's variant made from this worker's own copy and evaluated; its rows go back to the driver."""
-    import ray
     cfg = variants.cfg
-    lm = load_model(cfg.model, cfg.dtype, None if ray.get_gpu_ids() else "cpu")
+    lm = load_model(cfg.model, cfg.dtype)
     check_model_fits(cfg, lm.adapter.d_ff(lm.model))
     profile = variants.profile(lm)
     return [] if job is None else list(variants.rows(job, lm, profile, in_place=True))
@@ -81,7 +80,11 @@ class RayExecutor:
             ray.init(address=self.address, log_to_driver=study.variants.progress)
         try:
             r = study.cfg.resources
-            task = ray.remote(_on_worker).options(num_gpus=r.num_gpus, num_cpus=r.num_cpus, max_retries=r.max_retries)
+            # Ray shows a task given no GPU every GPU of its node; a CPU job is shown none, so that nothing in it
+            # (the model, the similarity encoder, a recovery) lands on a GPU another job holds.
+            cpu_only = {"env_vars": {"CUDA_VISIBLE_DEVICES": ""}} if r.num_gpus == 0 else None
+            task = ray.remote(_on_worker).options(num_gpus=r.num_gpus, num_cpus=r.num_cpus, max_retries=r.max_retries,
+                                                  runtime_env=cpu_only)
             study.start()
             stages = study.stages()
             if stages:  # a finished study needs no model loaded anywhere
