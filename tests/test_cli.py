@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from taskprune.cli import main
@@ -50,6 +52,16 @@ def test_capture_score_prune_info(tiny_dir, tmp_path, capsys):
     assert AutoModelForCausalLM.from_pretrained(out_dir).config.intermediate_size == 192
     code, out, _ = run(["info", out_dir], capsys)
     assert code == 0 and "d_ff 256 -> 192" in out
+    streamed = tmp_path / "streamed"  # the same prune on the checkpoint's shards, no model loaded
+    code, out, err = run(["prune", "--model", tiny_dir, "--profile", profile, "--ratio", 0.2, "--align", 32,
+                          "--stream", "--out", streamed], capsys)
+    assert code == 0, err
+    assert json.loads((streamed / "pruning.json").read_text())["plan"] == record["plan"]
+    a, b = (load_file(d / "model.safetensors") for d in (out_dir, streamed))
+    assert set(b) <= set(a) and all(torch.equal(a[k], b[k]) for k in b)
+    code, _, err = run(["prune", "--model", tiny_dir, "--profile", profile, "--scorer", "wanda-sp", "--ratio", 0.2,
+                        "--stream", "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "reads the model's weights" in err
     code, out, _ = run(["info", profile], capsys)
     assert code == 0 and "target     gsm8k: 6 prompts" in out
 

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, cmd_prune, ModelSettings, ScoreSettings, PruneSettings, epilog=scorers)
     p.add_argument("--profile", type=Path, default=None, help="a profile from taskprune capture")
+    p.add_argument("--stream", action="store_true", help="prune a local safetensors checkpoint shard by shard without "
+                   "loading the model (memory: about two shards; with --profile, or --strategy random)")
     group = p.add_argument_group("capture, when there is no --profile (cached for the next prune)")
     for cls in (DataSets, DataDir, CaptureSettings):
         add_options(group, cls, required=False)

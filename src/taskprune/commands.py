@@ -64,18 +64,24 @@ def cmd_prune(args) -> int:
     Remove the same number of MLP neurons from every layer (kept width a multiple of --align) and save a
     stock Hugging Face checkpoint with pruning.json. Example: taskprune prune --model qwen2.5-coder-0.5b
     --target gsm8k --distractor squad --ratio 0.2 --out out/"""
-    from taskprune.pipeline import prune_to_disk
+    from taskprune.pipeline import prune_checkpoint_to_disk, prune_to_disk
     check_replaceable(args.out, "checkpoint", args.overwrite)
     model, sets, prune = from_args(ModelSettings, args), from_args(DataSets, args), from_args(PruneSettings, args)
+    if args.stream and sets.target:
+        raise ValueError("--stream prunes without loading the model, so it cannot capture: give --profile")
     if args.profile and sets.target:
         raise ValueError("give either --profile or --target/--distractor, not both")
     if prune.strategy != "random" and not (args.profile or sets.target):
         raise ValueError(f"strategy {prune.strategy!r} needs --profile, or --target and --distractor to capture one")
     if sets.target and not sets.distractors:
         raise ValueError("--target needs at least one --distractor")
-    plan, record = prune_to_disk(model.load(), prune, from_args(ScoreSettings, args).scorer, args.out, args.profile,
-                                 sets, from_args(CaptureSettings, args), model.cache_dir, _data_dir(args),
-                                 args.overwrite)
+    scorer = from_args(ScoreSettings, args).scorer
+    if args.stream:
+        plan, record = prune_checkpoint_to_disk(Path(model.model), prune, scorer, args.out, args.profile,
+                                                args.overwrite)
+    else:
+        plan, record = prune_to_disk(model.load(), prune, scorer, args.out, args.profile, sets,
+                                     from_args(CaptureSettings, args), model.cache_dir, _data_dir(args), args.overwrite)
     p = record["parameters"]
     print(f"pruned {model.model}: d_ff {plan.d_ff} -> {plan.kept_width} in {len(plan.keep)} layers "
           f"(ratio {prune.ratio} nominal, {plan.exact_ratio:.4f} exact; strategy {plan.strategy})")

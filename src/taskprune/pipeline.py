@@ -20,9 +20,9 @@ from taskprune.models import LoadedModel, config_hash
 from taskprune.models.load import default_cache_dir
 from taskprune.plan import Plan, make_plan, pruned_count
 from taskprune.profile import Profile, load_profile, profile_hash, save_profile
-from taskprune.scoring import NEEDS_GRADIENTS, score
+from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, score
 from taskprune.settings import CaptureSettings, DataSets, PruneSettings
-from taskprune.surgery import parameter_count, prune_model, save_pruned
+from taskprune.surgery import parameter_count, prune_checkpoint, prune_model, save_pruned
 
 
 def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings = CaptureSettings(),
@@ -117,6 +117,14 @@ def prune_in_memory(lm: LoadedModel, plan: Plan) -> nn.Module:
     return prune_model(lm.model, lm.adapter, plan)
 
 
+def _profile_record(profile: Profile | None, path: Path | None) -> dict | None:
+    """Where a pruned checkpoint's scores came from, for its pruning.json."""
+    if profile is None:
+        return None
+    return {"path": str(path) if path else None, "hash": profile_hash(path) if path else None,
+            "target": profile.target, "distractors": profile.distractors, "capture": profile.meta["capture"]}
+
+
 def prune_and_save(lm: LoadedModel, plan: Plan, out: Path, scorer: str, profile: Profile | None = None,
                    profile_path: Path | None = None, overwrite: bool = False) -> dict:
     """Prune `lm.model` in place and save it with its `pruning.json`; returns that record."""
@@ -125,11 +133,7 @@ def prune_and_save(lm: LoadedModel, plan: Plan, out: Path, scorer: str, profile:
     prune_model(lm.model, lm.adapter, plan)
     record = {
         "source_model": {k: lm.source.get(k) for k in ("spec", "kind", "revision")},
-        "profile": None if profile is None else {
-            "path": str(profile_path) if profile_path else None,
-            "hash": profile_hash(profile_path) if profile_path else None,
-            "target": profile.target, "distractors": profile.distractors,
-            "capture": profile.meta["capture"]},
+        "profile": _profile_record(profile, profile_path),
         "scorer": scorer if plan.strategy != "random" else None,
         "plan": plan.to_dict(),
         "parameters": {"before": before, "after": parameter_count(lm.model)},
@@ -160,5 +164,31 @@ def prune_to_disk(lm: LoadedModel, settings: PruneSettings, scorer: str, out: Pa
     return plan, prune_and_save(lm, plan, out, scorer, profile, profile_path, overwrite)
 
 
+def prune_checkpoint_to_disk(src: Path, settings: PruneSettings, scorer: str, out: Path,
+                             profile_path: Path | None = None, overwrite: bool = False) -> tuple[Plan, dict]:
+    """`taskprune prune --stream`: plan `settings` over the profile at `profile_path` (or none, for the
+    random strategy) and prune the checkpoint directory `src` shard by shard, never loading the model."""
+    from transformers import AutoConfig
+    if scorer in NEEDS_MODEL and settings.strategy != "random":
+        raise ValueError(f"scorer {scorer!r} reads the model's weights; prune without --stream, or use a scorer "
+                         f"that needs only the profile")
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"--stream prunes a local checkpoint directory; {src} has no config.json")
+    config = AutoConfig.from_pretrained(src)
+    shape = (config.num_hidden_layers, config.intermediate_size)
+    pruned_count(shape[1], settings.ratio, settings.align)
+    profile = None
+    if profile_path is not None:
+        profile = load_profile(profile_path)
+        profile.check_model(config_hash(config), where=str(profile_path))
+    plan, _ = plan_from_profile(profile, scorer, settings.strategy, settings.ratio, settings.align, settings.seed,
+                                shape=shape)
+    record = {"source_model": {"spec": str(src), "kind": "local", "revision": None},
+              "profile": _profile_record(profile, profile_path), "scorer": scorer if plan.strategy != "random" else None,
+              "plan": plan.to_dict()}
+    return plan, prune_checkpoint(src, plan, out, record, overwrite)
+
+
 __all__ = ["CaptureSettings", "capture_profile", "cached_profile", "plan_from_profile", "prune_in_memory", "prune_and_save",
-           "prune_to_disk", "load_profile", "save_profile"]
+           "prune_to_disk", "prune_checkpoint_to_disk", "load_profile", "save_profile"]
