@@ -24,6 +24,8 @@ def bpe_tokenizer(split: str, ignore_merges: bool = False):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from taskprune.models.synthetic import with_chatml
+
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     for i, tok in enumerate(("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
         vocab[tok] = 256 + i
@@ -33,13 +35,7 @@ def bpe_tokenizer(split: str, ignore_merges: bool = False):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
-    fast.add_special_tokens({"pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    fast.eos_token = "<|im_end|>"
-    fast.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    return fast
+    return with_chatml(PreTrainedTokenizerFast(tokenizer_object=tok))
 
 
 def spm_tokenizer(gemma: bool = False):

@@ -86,7 +86,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    return with_chatml(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+
+def with_chatml(fast: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """`fast` with ids 256-258 the ChatML specials (`<|endoftext|>` pad, `<|im_start|>`, `<|im_end|>` EOS)
+    and a ChatML chat template."""
     fast.add_special_tokens({"pad_token": "<|endoftext|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     fast.eos_token = "<|im_end|>"
     fast.chat_template = (
