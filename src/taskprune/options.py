@@ -24,13 +24,13 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, default_factory: Any = MISSING,
-           cli: bool = True, **rules: Any) -> Any:
+           **rules: Any) -> Any:
     """A settings field. `help` is its one-line description (the default is appended on the command line);
-    `flag` replaces the derived `--field-name`; `cli=False` keeps it out of the command line. Rules, on the
+    `flag` replaces the derived `--field-name`. Rules, on the
     value or on every element of a list or mapping value: `min`, `max` (inclusive), `gt`, `lt` (exclusive),
     `choices` (for names from a registry; fixed choices are a `Literal` type) and `nonempty`."""
     return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, "flag": flag, "cli": cli, "rules": rules})
+                 metadata={"help": help, "flag": flag, "rules": rules})
 
 
 def _rules(f: Field) -> dict:
@@ -256,22 +256,21 @@ def _help(f: Field, default) -> str:
     return f"{text} (default {shown})" if text else f"default {shown}"
 
 
-def add_options(parser, cls, required: bool | tuple[str, ...] | None = None, only: tuple[str, ...] | None = None,
-                defaults: dict | None = None) -> None:
-    """The command-line options of `cls`'s fields (those with `cli=True`; of them, `only` these). The fields
-    without a default are required, unless `required` is False (none is) or names the required fields;
-    `defaults` replaces some defaults for this command."""
-    hints, defaults = get_type_hints(cls), defaults or {}
+def add_options(parser, cls, required: bool | tuple[str, ...] | None = None,
+                only: tuple[str, ...] | None = None) -> None:
+    """The command-line options of `cls`'s fields (of them, `only` these). The fields without a default
+    are required, unless `required` is False (none is) or names the required fields."""
+    hints = get_type_hints(cls)
     for f in fields(cls):
-        if not f.metadata.get("cli", True) or only is not None and f.name not in only:
+        if only is not None and f.name not in only:
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        default = defaults.get(f.name, None if _required(f) else _default(f))
+        default = None if _required(f) else _default(f)
         kwargs = {"dest": _dest(cls, f), "default": default, "help": _help(f, default)}
         rules, hint = _rules(f), hints[f.name]
         if isinstance(required, tuple):
             kwargs["required"] = f.name in required
-        elif _required(f) and f.name not in defaults:
+        elif _required(f):
             kwargs["required"] = required is not False
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
@@ -297,7 +296,7 @@ def from_args(cls, args: argparse.Namespace, **extra):
     """`cls` from the options `add_options` added (list options as tuples), plus `extra` fields."""
     values = {}
     for f in fields(cls):
-        if f.metadata.get("cli", True) and hasattr(args, _dest(cls, f)):
+        if hasattr(args, _dest(cls, f)):
             value = getattr(args, _dest(cls, f))
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**{**values, **extra})
