@@ -232,3 +232,65 @@ def test_gradient_checkpointing_does_not_change_the_run(full_run, base, pairs_fi
     record = recover(str(base[0]), "code", tmp_path / "gc", config=replace(TINY, gradient_checkpointing=True),
                      data=str(pairs_file), dtype="float32", device="cpu", progress=False)
     assert record["losses"] == pytest.approx(full_run[1]["losses"], rel=1e-5)
+
+
+# Two CPU processes (gloo) under `accelerate launch` with the documented multi-GPU config. LoRA dropout is
+# off: each process draws its own masks, so with dropout the runs differ by design, not by rounding.
+TWO_PROCESS = replace(TINY, epochs=1, save_every=2, dropout=0.0)  # 3 steps, the last one 2 examples
+RECOVER_SCRIPT = """
+import json, sys
+from taskprune.recover import RecoveryConfig, recover
+
+def crash(step, loss):
+    if step == int(sys.argv[5]):
+        raise SystemExit(f"crash at step {step}")
+
+fields = json.loads(sys.argv[4])
+recover(sys.argv[1], "code", sys.argv[2], config=RecoveryConfig(**fields), data=sys.argv[3], dtype="float32",
+        device="cpu", progress=False, on_step=crash)
+"""
+
+
+def _launch_two(tmp_path, base_dir, out, pairs_file, crash_at=0):
+    import os
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    script = tmp_path / "recover_script.py"
+    script.write_text(RECOVER_SCRIPT)
+    fields = {k: v for k, v in asdict(TWO_PROCESS).items() if k != "target_modules"}
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "multi-gpu.yaml"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--main_process_port",
+           "0", str(script), str(base_dir), str(out), str(pairs_file), json.dumps(fields), str(crash_at)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_match_one(base, pairs_file, tmp_path):
+    """Same losses (rel 1e-5: fp32, only the order of the sums and the padding of the micro-batches differ)
+    and merged weights (atol 1e-6) as one process; a crash resumes from the checkpoint both wrote."""
+    single = recover(str(base[0]), "code", tmp_path / "one", config=TWO_PROCESS, data=str(pairs_file),
+                     dtype="float32", device="cpu", progress=False)
+    out = tmp_path / "two"
+    crashed = _launch_two(tmp_path, base[0], out, pairs_file, crash_at=2)
+    assert crashed.returncode != 0 and "crash at step 2" in crashed.stderr
+    ckpt = work_dir_for(out) / "checkpoint"
+    assert {"rng.pt", "rng-1.pt"} <= {p.name for p in ckpt.iterdir()} and not out.exists()
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2 and state["fingerprint"]["processes"] == 2
+    with pytest.raises(RecoveryError, match="processes: 2 then, None now"):  # one process does not resume it
+        recover(str(base[0]), "code", out, config=TWO_PROCESS, data=str(pairs_file), dtype="float32", device="cpu",
+                progress=False)
+    resumed = _launch_two(tmp_path, base[0], out, pairs_file)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((out / "recovery.json").read_text())
+    assert record["processes"] == 2 and record["steps"] == single["steps"] == 3
+    assert record["resumed_from_steps"] == [2] and not work_dir_for(out).exists()
+    assert record["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one", dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

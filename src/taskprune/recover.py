@@ -35,6 +35,15 @@ the run stops and says which.
 Merging. The trained adapter is merged in fp32 into a fresh load of the pruned checkpoint and the
 result is cast back to that checkpoint's stored dtype (one rounding), saved atomically (temp dir +
 rename) with tokenizer and generation config, plus the adapter itself under `lora_adapter/`.
+
+Several processes. Under `accelerate launch` (one process per GPU; `configs/accelerate/`) each process
+holds a copy of the model and trains on its share of every effective batch (the batch sorted by length,
+then every n-th example), and the LoRA gradients are summed over the processes once per optimizer step,
+before clipping; the effective batch and the token-mean loss stay the preset's, so the run matches the
+single-process one up to float rounding (and LoRA dropout, whose masks differ: each process draws its
+own). Only the main process writes checkpoints (with every process's RNG state) and the merged model.
+A run resumes only with the number of processes it was started with. Without a launcher (no
+`WORLD_SIZE` above 1) none of this applies.
 """
 
 from __future__ import annotations
@@ -294,11 +303,82 @@ def _lr_lambda(total: int, warmup: int, schedule: str) -> Callable[[int], float]
 
 
 # ---------------------------------------------------------------------------------------------
+# Processes (one, or those of `accelerate launch`)
+
+
+@dataclass(frozen=True)
+class _Processes:
+    """The processes a run is spread over: one (a plain run), or those `accelerate launch` started."""
+
+    rank: int = 0
+    count: int = 1
+    device: str | None = None  # each process's device when launched; else the caller's choice
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        """`value` summed over the processes."""
+        if self.count == 1:
+            return value
+        from accelerate.utils import reduce  # noqa: PLC0415
+
+        return reduce(torch.tensor(value, dtype=torch.float64, device=self.device), reduction="sum").item()
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Replace each gradient by its sum over the processes (one all-reduce of them all, flattened)."""
+        if self.count == 1:
+            return
+        from accelerate.utils import reduce  # noqa: PLC0415
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        total = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+        for p, g in zip(params, total.split([g.numel() for g in grads]), strict=True):
+            p.grad = g.view_as(p)
+
+    def gather(self, obj: object) -> list:
+        """`obj` of every process, by rank (on every process)."""
+        if self.count == 1:
+            return [obj]
+        from accelerate.utils import gather_object  # noqa: PLC0415
+
+        return gather_object([obj])
+
+    def from_main(self, obj: object) -> object:
+        """The main process's `obj`, on every process (after all have reached this point)."""
+        if self.count == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list  # noqa: PLC0415
+
+        return broadcast_object_list([obj])[0]
+
+
+def _processes(device: str | None) -> _Processes:
+    """This run's processes: those of `accelerate launch` (or torchrun) when WORLD_SIZE is above 1, on
+    CPUs (gloo) with `device` "cpu", else on the launcher's accelerators."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Processes(device=device)
+    from accelerate import PartialState  # noqa: PLC0415
+
+    state = PartialState(cpu=device == "cpu")
+    if state.num_processes != world:
+        raise RecoveryError(f"launched as {world} processes but accelerate found no distributed backend for "
+                            f"{state.device}; on CPUs pass --device cpu")
+    return _Processes(state.process_index, state.num_processes, str(state.device))
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def work_dir_for(out: Path) -> Path:
     return Path(out).with_name(Path(out).name + ".work")
+
+
+def _rng_file(rank: int) -> str:
+    return "rng.pt" if rank == 0 else f"rng-{rank}.pt"
 
 
 def _rng_state() -> dict:
@@ -314,8 +394,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(work: Path, trainer: _Trainer, state: dict) -> None:
-    """Write the checkpoint to `checkpoint.new`, then swap it in (the old one survives a crash)."""
+def _save_checkpoint(work: Path, trainer: _Trainer, state: dict, rng_states: list[dict]) -> None:
+    """Write the checkpoint (`rng_states`: each process's, by rank) to `checkpoint.new`, then swap it in
+    (the old one survives a crash)."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     new, cur, old = work / "checkpoint.new", work / "checkpoint", work / "checkpoint.old"
@@ -324,7 +405,8 @@ def _save_checkpoint(work: Path, trainer: _Trainer, state: dict) -> None:
     save_file(trainer.adapter_state(None), str(new / "adapter_model.safetensors"))
     torch.save(trainer.optimizer.state_dict(), new / "optimizer.pt")
     torch.save(trainer.scheduler.state_dict(), new / "scheduler.pt")
-    torch.save(_rng_state(), new / "rng.pt")
+    for rank, rng in enumerate(rng_states):
+        torch.save(rng, new / _rng_file(rank))
     (new / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     shutil.rmtree(old, ignore_errors=True)
     if cur.exists():
@@ -341,8 +423,9 @@ def _find_checkpoint(work: Path) -> Path | None:
     return None
 
 
-def _load_checkpoint(path: Path, trainer: _Trainer, device: torch.device) -> dict:
-    """Restore the adapter, optimizer, scheduler and RNG states saved at `path`; returns its state."""
+def _load_checkpoint(path: Path, trainer: _Trainer, device: torch.device, rank: int) -> dict:
+    """Restore the adapter, optimizer, scheduler and process `rank`'s RNG states saved at `path`; returns
+    its state."""
     from peft import set_peft_model_state_dict  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -352,7 +435,7 @@ def _load_checkpoint(path: Path, trainer: _Trainer, device: torch.device) -> dic
         raise RecoveryError(f"checkpoint {path} does not fit this model (unexpected {result.unexpected_keys[:3]})")
     trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    _set_rng_state(torch.load(path / _rng_file(rank), weights_only=True))
     return json.loads((path / "state.json").read_text())
 
 
@@ -371,13 +454,16 @@ def _step_examples(data: list[TrainExample], cfg: RecoveryConfig, step: int, ste
     return [data[i] for i in order[k * cfg.effective_batch_size:(k + 1) * cfg.effective_batch_size]]
 
 
-def _train_step(model, batch: list[TrainExample], cfg: RecoveryConfig, pad_id: int, device) -> float:
-    """Forward/backward over the micro-batches of one effective batch; returns the token-mean loss."""
+def _train_step(model, batch: list[TrainExample], cfg: RecoveryConfig, pad_id: int, device,
+                procs: _Processes = _Processes()) -> float:
+    """Forward/backward over this process's micro-batches of one effective batch (every `procs.count`-th
+    example); returns their part of the batch's token-mean loss."""
     batch = sorted(batch, key=lambda ex: len(ex.input_ids))  # less padding; the sum does not care
     n_tokens = sum(ex.n_response for ex in batch)
+    share = batch[procs.rank::procs.count]
     total = 0.0
-    for i in range(0, len(batch), cfg.micro_batch_size):
-        t = {k: v.to(device) for k, v in collate(batch[i:i + cfg.micro_batch_size], pad_id).items()}
+    for i in range(0, len(share), cfg.micro_batch_size):
+        t = {k: v.to(device) for k, v in collate(share[i:i + cfg.micro_batch_size], pad_id).items()}
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
         logits = logits[:, :-1].float()
         labels = t["labels"][:, 1:]
@@ -389,10 +475,12 @@ def _train_step(model, batch: list[TrainExample], cfg: RecoveryConfig, pad_id: i
     return total
 
 
-def _fingerprint(spec_path: str, cfg: RecoveryConfig, data: RecoveryData, train_dtype: torch.dtype, preset: str) -> dict:
+def _fingerprint(spec_path: str, cfg: RecoveryConfig, data: RecoveryData, train_dtype: torch.dtype, preset: str,
+                 processes: int) -> dict:
     return {"model": spec_path, "preset": preset, "dtype": str(train_dtype).removeprefix("torch."),
             "config": {k: v for k, v in _config_dict(cfg).items() if k not in _RESUME_FREE},
-            "data": data.info()["ids_sha256"], "n_examples": len(data)}
+            "data": data.info()["ids_sha256"], "n_examples": len(data),
+            **({"processes": processes} if processes > 1 else {})}
 
 
 def _config_dict(cfg: RecoveryConfig) -> dict:
@@ -403,12 +491,12 @@ def _config_dict(cfg: RecoveryConfig) -> dict:
 
 def _check_resume(saved: dict, now: dict, work: Path) -> None:
     diffs = []
-    for key in now:
+    for key in {**saved, **now}:  # a key only one side has ("processes") differs too
         if key == "config":
             diffs += [f"config.{k}: {saved['config'].get(k)!r} then, {v!r} now"
                       for k, v in now["config"].items() if saved["config"].get(k) != v]
-        elif saved.get(key) != now[key]:
-            diffs.append(f"{key}: {saved.get(key)!r} then, {now[key]!r} now")
+        elif saved.get(key) != now.get(key):
+            diffs.append(f"{key}: {saved.get(key)!r} then, {now.get(key)!r} now")
     if diffs:
         raise RecoveryError(f"{work} holds an unfinished recovery with other settings ({'; '.join(diffs)}); "
                             f"rerun with the same settings to resume, or delete {work} to start over")
@@ -461,11 +549,13 @@ class _Setup:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    procs: _Processes
 
     @property
     def fingerprint(self) -> dict:
         """What a checkpoint must have been made with to be resumed."""
-        return _fingerprint(str(self.source["path"]), self.cfg, self.data, self.train_dtype, self.preset)
+        return _fingerprint(str(self.source["path"]), self.cfg, self.data, self.train_dtype, self.preset,
+                            self.procs.count)
 
 
 @dataclass
@@ -478,8 +568,9 @@ class _Trainer:
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def step(self, batch: list[TrainExample], setup: _Setup) -> float:
-        """One optimizer step on one effective batch; returns its token-mean loss."""
-        loss = _train_step(self.model, batch, setup.cfg, setup.pad_id, setup.device)
+        """One optimizer step on one effective batch (this process's share of it); returns its token-mean loss."""
+        loss = setup.procs.sum(_train_step(self.model, batch, setup.cfg, setup.pad_id, setup.device, setup.procs))
+        setup.procs.sum_grads(self.params)
         if setup.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, setup.cfg.max_grad_norm)
         self.optimizer.step()
@@ -523,11 +614,11 @@ def _train_dtype(dtype: str) -> torch.dtype:
 
 
 def _setup(model: str, preset: str, cfg: RecoveryConfig, data: str | None, data_dir, train_dtype: torch.dtype,
-           device: str | None, cache_dir: Path | None) -> tuple[_Setup, _Trainer]:
+           procs: _Processes, cache_dir: Path | None) -> tuple[_Setup, _Trainer]:
     """Load the model and the training data, fix the schedule, and wrap the model in LoRA (seeded)."""
     from taskprune.models.load import load_model  # noqa: PLC0415
 
-    lm = load_model(model, dtype=str(train_dtype).removeprefix("torch."), device=device, cache_dir=cache_dir)
+    lm = load_model(model, dtype=str(train_dtype).removeprefix("torch."), device=procs.device, cache_dir=cache_dir)
     data_set = recovery_examples(data or preset, lm.tokenizer, data_dir, cfg.max_examples, cfg.seed, cfg.max_length)
     steps_per_epoch = math.ceil(len(data_set) / cfg.effective_batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -535,7 +626,7 @@ def _setup(model: str, preset: str, cfg: RecoveryConfig, data: str | None, data_
                    train_dtype=train_dtype, device=next(lm.model.parameters()).device,
                    width=lm.model.config.intermediate_size, targets=lora_target_modules(lm.model, cfg.target_modules),
                    pad_id=lm.adapter.pad_id(lm.tokenizer), steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                   warmup=round(cfg.warmup_ratio * total_steps))
+                   warmup=round(cfg.warmup_ratio * total_steps), procs=procs)
     return setup, _lora_trainer(lm.model, setup)
 
 
@@ -547,7 +638,9 @@ def _lora_trainer(model: nn.Module, setup: _Setup) -> _Trainer:
     torch.manual_seed(cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = get_peft_model(model, make_lora_config(model, cfg))
+    peft_model = get_peft_model(model, make_lora_config(model, cfg))  # the same adapter in every process
+    if setup.procs.rank:  # its own dropout masks
+        torch.manual_seed(cfg.seed * 1_000_003 + setup.procs.rank)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -563,7 +656,7 @@ def _resume(setup: _Setup, trainer: _Trainer, work: Path, progress: bool) -> _Pr
         return _Progress()
     saved = json.loads((ckpt / "state.json").read_text())
     _check_resume(saved["fingerprint"], setup.fingerprint, work)
-    state = _load_checkpoint(ckpt, trainer, setup.device)
+    state = _load_checkpoint(ckpt, trainer, setup.device, setup.procs.rank)
     if progress:
         print(f"Resuming recovery from step {state['step']} of {setup.total_steps} ({ckpt})")
     return _Progress(state["step"], state["losses"], state["resumed"] + [state["step"]], state["wall_time_s"])
@@ -586,8 +679,7 @@ def _train(setup: _Setup, trainer: _Trainer, run: _Progress, work: Path, progres
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
             if run.step % setup.steps_per_epoch == 0 or (cfg.save_every and run.step % cfg.save_every == 0):
-                wall = run.prior_wall + time.time() - session_start
-                _save_checkpoint(work, trainer, run.checkpoint_state(setup, wall))
+                _checkpoint(setup, trainer, run, work, run.prior_wall + time.time() - session_start)
             if on_step is not None:
                 on_step(run.step, loss)
     except BaseException:
@@ -598,6 +690,13 @@ def _train(setup: _Setup, trainer: _Trainer, run: _Progress, work: Path, progres
         raise
     bar.close()
     return run.prior_wall + time.time() - session_start
+
+
+def _checkpoint(setup: _Setup, trainer: _Trainer, run: _Progress, work: Path, wall: float) -> None:
+    """Every process's RNG state to the main process, which writes the checkpoint."""
+    rng_states = setup.procs.gather(_rng_state())
+    if setup.procs.is_main:
+        _save_checkpoint(work, trainer, run.checkpoint_state(setup, wall), rng_states)
 
 
 def _reload_with_adapter(setup: _Setup, adapter_state: dict[str, torch.Tensor], path: str) -> nn.Module:
@@ -627,6 +726,7 @@ def _record(setup: _Setup, run: _Progress, adapter_state: dict[str, torch.Tensor
         "losses": run.losses, "resumed_from_steps": run.resumed,
         "train_dtype": str(setup.train_dtype).removeprefix("torch."),
         "saved_dtype": str(save_dtype).removeprefix("torch."), "device": str(setup.device),
+        **({"processes": setup.procs.count} if setup.procs.count > 1 else {}),
         "intermediate_size": setup.width, "trainable_parameters": sum(v.numel() for v in adapter_state.values()),
         "train_wall_time_s": round(train_wall, 3), "taskprune_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -682,7 +782,8 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
     `config` replaces the preset's settings (start from `dataclasses.replace(PRESETS[preset], ...)`);
     `data` overrides the preset's data set (gsm8k, mbpp, codefeedback or a prompt/response file);
     `on_step(step, loss)` is called after each optimizer step (and its checkpoint, if one is due).
-    Returns the recovery record, also written to `out/recovery.json`.
+    Returns the recovery record, also written to `out/recovery.json`. Launched by `accelerate launch`,
+    every process trains its share and the main one saves; `device` is then each process's own.
     """
     preset_config = _preset(preset)  # an unknown preset is refused even with a config
     cfg = config or preset_config
@@ -691,15 +792,20 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
     check_replaceable(out, "recovery", overwrite)
     train_dtype = _train_dtype(dtype)
     started = time.time()
-    setup, trainer = _setup(model, preset, cfg, data, data_dir, train_dtype, device, cache_dir)
+    procs = _processes(device)
+    progress = progress and procs.is_main
+    setup, trainer = _setup(model, preset, cfg, data, data_dir, train_dtype, procs, cache_dir)
     work = work_dir_for(out)
     run = _resume(setup, trainer, work, progress)
     train_wall = _train(setup, trainer, run, work, progress, on_step)
     adapter_state = trainer.adapter_state(torch.float32)
     del trainer  # the training model and optimizer go before the fresh load for the merge
     _release_memory()
-    record = _merge_and_save(setup, adapter_state, run, train_wall, model, cache_dir, out, overwrite, started)
-    shutil.rmtree(work, ignore_errors=True)
+    record = None
+    if procs.is_main:
+        record = _merge_and_save(setup, adapter_state, run, train_wall, model, cache_dir, out, overwrite, started)
+        shutil.rmtree(work, ignore_errors=True)
+    record = procs.from_main(record)
     if progress:
         print(f"Recovered checkpoint saved to {out} ({run.step} steps, final loss {run.losses[-1]:.4f})")
     return record
