@@ -1,0 +1,156 @@
+"""The pruned model's decode speed-up against its physical ideal (issue 14 item 4, issue 17 item 5).
+
+One model and its random prunes at each `--ratios` (seed 42, 128-aligned) are timed in one process, in
+rotating order round after round (this machine is noisy: the median of the rounds is kept):
+
+* **HF**: batch-1 greedy decode with `model.generate` (`taskprune.evaluate.resources.decode_tokens_per_second`,
+  the eval's Table 5 figure), and the evaluation engine at `--eval-batch`;
+* **llama.cpp** (where `llama_cpp` is importable, e.g. `.venv-gguf/bin/python`): each variant exported to GGUF
+  by `taskprune export` in f32 and q8_0, batch-1 greedy decode steps after the prompt's prefill.
+
+Each speed-up is over the unpruned model in the same column, and is printed beside the ideal: the
+weight bytes read per decoded token, unpruned over pruned (every parameter but the input embedding; a
+tied head counts once), as `(speed-up - 1) / (ideal - 1)`, the share of the ideal gain realised.
+
+Usage::
+
+    python benchmarks/pruned_speedup.py                          # packaged 0.5B coder, 10/20/35%
+    .venv-gguf/bin/python benchmarks/pruned_speedup.py --json runs/speedup.json   # with llama.cpp columns
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from taskprune.evaluate.generate import generate
+from taskprune.evaluate.resources import decode_tokens_per_second
+from taskprune.evaluate.runner import chat_prompt
+from taskprune.evaluate.tasks import get_task
+from taskprune.models import load_model
+from taskprune.plan import make_plan
+from taskprune.surgery import parameter_count, prune_model, save_pruned
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a decode step reads: all parameters but the input embedding (one row of it is
+    read), except that a tied LM head reads the embedding matrix, so it counts once then."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def engine_tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int, batch: int) -> float:
+    start = time.perf_counter()
+    records = generate(model, tokenizer, prompts, new_tokens, batch_size=batch, progress=False)
+    return sum(r.new_tokens for r in records) / (time.perf_counter() - start)
+
+
+def llamacpp_tokens_per_second(llm, prompt: str, new_tokens: int) -> float:
+    """Greedy decode steps per second after the prompt's prefill (EOS does not stop it)."""
+    llm.reset()
+    llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([llm.sample(temp=0.0)])
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.10, 0.20, 0.35])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompts", type=int, default=3, help="HumanEval prompts")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    lm = load_model(args.model, args.dtype)
+    task = get_task("humaneval")
+    prompts = [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(None, args.prompts)]
+    d_ff = lm.adapter.d_ff(lm.model)
+    variants, plans = {"unpruned": lm.model}, {"unpruned": None}
+    for ratio in args.ratios:
+        plan = make_plan(None, "random", ratio, 128, 42, shape=(len(lm.adapter.mlps(lm.model)), d_ff))
+        name = f"{ratio:.0%} (d_ff {plan.kept_width})"
+        variants[name], plans[name] = prune_model(copy.deepcopy(lm.model), lm.adapter, plan), plan
+    ideal = {name: weight_bytes_per_token(lm.model) / weight_bytes_per_token(m) for name, m in variants.items()}
+
+    columns = {"hf batch 1": lambda m: decode_tokens_per_second(m, lm.tokenizer, prompts, args.new_tokens),
+               f"hf engine batch {args.eval_batch}": lambda m: engine_tokens_per_second(
+                   m, lm.tokenizer, prompts * args.eval_batch, args.new_tokens, args.eval_batch)}
+    work = tempfile.TemporaryDirectory(prefix="pruned-speedup-")
+    try:
+        import llama_cpp
+    except ImportError:
+        llama_cpp = None
+        print("llama_cpp is not importable here: HF columns only (run with .venv-gguf/bin/python for llama.cpp)")
+    if llama_cpp is not None:
+        from taskprune.export import export_gguf
+        files: dict[str, dict[str, Path]] = {}
+        for i, (name, model) in enumerate(variants.items()):
+            ckpt = Path(work.name) / f"v{i}"
+            if plans[name] is None:
+                model.save_pretrained(ckpt)
+                lm.tokenizer.save_pretrained(ckpt)
+            else:
+                save_pruned(model, lm.tokenizer, ckpt, {"source_model": lm.source, "scorer": None,
+                                                        "plan": plans[name].to_dict(), "parameters": {
+                                                            "before": parameter_count(lm.model),
+                                                            "after": parameter_count(model)}})
+            files[name] = {}
+            for quant in ("f32", "q8_0"):
+                files[name][quant] = Path(work.name) / f"v{i}-{quant}.gguf"
+                export_gguf(ckpt, files[name][quant], quant, progress=False)
+        for quant in ("f32", "q8_0"):
+            models = {name: llama_cpp.Llama(str(files[name][quant]), n_ctx=1024, n_threads=torch.get_num_threads(),
+                                            verbose=False) for name in variants}
+            columns[f"llama.cpp {quant} batch 1"] = (
+                lambda m, models=models: statistics.mean(
+                    llamacpp_tokens_per_second(models[m], p, args.new_tokens) for p in prompts))
+
+    names = list(variants)
+    speeds: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in columns}
+    with torch.inference_mode():
+        for column, measure in columns.items():  # warm-up: first calls pay for allocation and caches
+            for name in names:
+                measure(name if column.startswith("llama.cpp") else variants[name])
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for column, measure in columns.items():
+                for name in order:
+                    target = name if column.startswith("llama.cpp") else variants[name]
+                    speeds[column][name].append(measure(target))
+    results = []
+    print(f"model {args.model}, dtype {next(lm.model.parameters()).dtype}, threads {torch.get_num_threads()}, "
+          f"{args.prompts} HumanEval prompts, {args.new_tokens} new tokens, median of {args.rounds} rounds")
+    for column in columns:
+        base = statistics.median(speeds[column]["unpruned"])
+        print(f"{column}: unpruned {base:.1f} tokens/s")
+        for name in names[1:]:
+            tps = statistics.median(speeds[column][name])
+            up = tps / base
+            share = (up - 1) / (ideal[name] - 1)
+            print(f"  {name}: {tps:.1f} tokens/s, speed-up {up:.3f}x, ideal {ideal[name]:.3f}x, "
+                  f"share of the ideal gain {share:.2f}")
+            results.append({"column": column, "variant": name, "tokens_per_s": tps, "unpruned_tokens_per_s": base,
+                            "speedup": up, "ideal": ideal[name], "share_of_ideal": share})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    work.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
