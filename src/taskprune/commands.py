@@ -45,9 +45,10 @@ def cmd_score(args) -> int:
     if args.out is not None and args.out.is_dir():
         raise OutputExistsError(f"--out {args.out} is a directory; give a .safetensors file name")
     profile, scorer, options = load_profile(args.profile), from_args(ScoreSettings, args).scorer, {}
-    if from_args(ModelSettings, args).model:
+    model = from_args(ModelSettings, args)
+    if model.model:
         from taskprune.models import config_hash
-        lm = from_args(ModelSettings, args).load()
+        lm = model.load()
         profile.check_model(config_hash(lm.model.config), where=str(args.profile))
         options = {"model": lm.model, "adapter": lm.adapter}
     scores = score(scorer, profile, **options)
