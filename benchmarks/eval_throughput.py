@@ -36,12 +36,14 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig
 
 from taskprune.evaluate.generate import eos_token_ids, generate
+from taskprune.report.speed import Headline, write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -177,7 +179,7 @@ def reencoded_tokens(tokenizer, texts: list[str], max_new_tokens: int) -> int:
     return sum(min(c + 1, max_new_tokens) for c in counts)
 
 
-def report(name: str, result, baseline, target: float | None = None) -> None:
+def report(name: str, result, baseline, target: float | None = None) -> Headline:
     texts, tokens, seconds, cpu = result
     base_texts, base_tokens, base_seconds, base_cpu = baseline
     rate, base_rate = tokens / seconds, base_tokens / base_seconds
@@ -188,6 +190,7 @@ def report(name: str, result, baseline, target: float | None = None) -> None:
           f"{base_seconds:.1f}s = {base_rate:.1f} tok/s -> ratio {rate / base_rate:.2f}x{goal}\n"
           f"    per CPU-second ratio {cpu_ratio:.2f}x (less sensitive to other load on the machine); "
           f"identical outputs {same}/{len(base_texts)}; load average now {os.getloadavg()[0]:.2f}", flush=True)
+    return Headline(f"{name}: tokens/s ratio", rate / base_rate, target, "x")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--try-continuous-batching", action="store_true",
                         help="also time transformers' model.generate_batch on the GSM8K prompts")
+    parser.add_argument("--json", type=Path, default=None, help="also write the ratios here (report/speed.py)")
     parser.add_argument("--lm-eval", action="store_true",
                         help="also time lm-evaluation-harness's hf backend (HFLM.generate_until) on the GSM8K "
                              "prompts at the same batch size (needs the lm-eval package)")
@@ -226,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     engine(model, tokenizer, warm * 2, 4, 2)
     hf_generate(model, tokenizer, warm * 2, 4, 2)
     tasks = args.tasks.split(",")
+    headline: list[Headline] = []
 
     if "gsm8k" in tasks:
         prompts = gsm8k_prompts(tokenizer, args.gsm8k, args.n)
@@ -233,22 +238,29 @@ def main(argv: list[str] | None = None) -> None:
         ours = engine(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         k = len(prompts) if args.baseline_n is None else min(args.baseline_n, len(prompts))
         base = hf_generate(model, tokenizer, prompts[:k], args.max_new_tokens, 1)
-        report(f"engine batch {args.batch_size} vs model.generate batch 1 (first {k} prompts)", ours, base, 4.0)
+        headline.append(report(f"engine batch {args.batch_size} vs model.generate batch 1 (first {k} prompts)",
+                               ours, base, 4.0))
         if args.try_continuous_batching:
             cb = continuous_batching(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-            report("model.generate_batch (continuous batching) vs model.generate batch 1", cb, base)
-            report(f"engine batch {args.batch_size} vs model.generate_batch", ours, cb)
+            headline.append(report("model.generate_batch (continuous batching) vs model.generate batch 1", cb, base))
+            headline.append(report(f"engine batch {args.batch_size} vs model.generate_batch", ours, cb))
         if args.lm_eval:
             harness = lm_eval_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
             recount = (ours[0], reencoded_tokens(tokenizer, ours[0], args.max_new_tokens), *ours[2:])
-            report(f"engine batch {args.batch_size} vs lm-eval hf backend batch {args.batch_size}", recount, harness)
+            headline.append(report(f"engine batch {args.batch_size} vs lm-eval hf backend batch {args.batch_size}",
+                                   recount, harness))
 
     if "humaneval" in tasks:
         prompts = humaneval_prompts(tokenizer, args.n)
         print(f"HumanEval ({len(prompts)} prompts)", flush=True)
         ours = engine(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
         base = hf_generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-        report(f"engine batch {args.batch_size} vs model.generate batch {args.batch_size}", ours, base, 1.5)
+        headline.append(report(f"engine batch {args.batch_size} vs model.generate batch {args.batch_size}",
+                               ours, base, 1.5))
+
+    if args.json:
+        write_benchmark(args.json, "eval_throughput", [replace(h, measure=f"{args.model}: {h.measure}")
+                                                       for h in headline])
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from taskprune.data import format_text, load_examples, sample
 from taskprune.gradients import _batch, _encode, _forward, _selected_positions, gradient_stats
 from taskprune.models import LoadedModel, get_adapter, load_model, resolve_dtype
 from taskprune.models.synthetic import byte_tokenizer, real_shape_model
+from taskprune.report.speed import Headline, write_benchmark
 
 
 def plain_ig(model, tokenizer, adapter, texts, steps, threshold, max_length, batch_size) -> torch.Tensor:
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (report/speed.py)")
     args = parser.parse_args()
 
     if args.model.startswith("synthetic:"):
@@ -101,6 +104,10 @@ def main() -> None:
         print(f"{name:10s} {seconds:8.2f} s")
     print(f"attributions agree: relative difference {rel:.2e} (sum {float(a.sum()):.4f} vs {float(b.sum()):.4f})")
     print(f"ratio plain / taskprune: {best['plain'] / best['taskprune']:.2f}x  (target >= 1.25x)")
+    if args.json:
+        write_benchmark(args.json, "ig_pass", [
+            Headline(f"{args.model}: plain IG seconds / taskprune's", best["plain"] / best["taskprune"], 1.25, "x")],
+            [{"model": args.model, "seconds": best, "relative_difference": rel}])
 
 
 if __name__ == "__main__":

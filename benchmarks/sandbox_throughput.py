@@ -42,6 +42,7 @@ from types import ModuleType
 
 from taskprune.data.registry import load_humaneval
 from taskprune.evaluate import sandbox
+from taskprune.report.speed import Headline, write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="run_many workers (default 2)")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per program")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (report/speed.py)")
     parser.add_argument("--baseline-rev", default="082bc9b",
                         help="git revision of the baseline sandbox, or 'none'")
     args = parser.parse_args()
@@ -150,6 +152,14 @@ def main() -> int:
                 print(f"  {task}: {why.strip()}")
         else:
             print(f"{name}: all {len(texts)} canonical solutions passed")
+    if args.json:
+        headline = [Headline("sandboxed programs/s", rates["new"], None, "programs/s")]
+        if "baseline" in rates:
+            headline.append(Headline(f"programs/s, this sandbox / revision {args.baseline_rev}'s",
+                                     rates["new"] / rates["baseline"], None, "x"))
+        write_benchmark(args.json, "sandbox_throughput", headline,
+                        [{"programs": len(texts), "workers": args.workers, "programs_per_s": rates,
+                          "failed": {k: sorted(v) for k, v in failures.items()}}])
     return 1 if failures["new"] else 0
 
 

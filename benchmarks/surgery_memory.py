@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from taskprune.report.speed import Headline, write_benchmark
+
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=True, hidden_act="silu")
@@ -95,6 +97,7 @@ def main() -> int:
     parser.add_argument("--ratio", type=float, default=0.35)
     parser.add_argument("--work", type=Path, default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here (report/speed.py)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="surgery-memory-"))
     src, streamed, in_memory = work / "src", work / "checkpoint", work / "in-memory"
@@ -129,6 +132,14 @@ def main() -> int:
         ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
         diff = (logits(streamed, ids) - logits(in_memory, ids)).abs().max().item()
         print(f"equal to in-memory surgery: tensors {'identical' if same else 'DIFFER'}; logits max |diff| {diff:.3g}")
+        if args.json:
+            write_benchmark(args.json, "surgery_memory", [
+                Headline("checkpoint surgery peak RSS / largest shard", rss["checkpoint"] / largest,
+                         budget / largest, "x", higher_is_better=False),
+                Headline("in-memory surgery peak RSS / largest shard", rss["in memory"] / largest, None, "x",
+                         higher_is_better=False)],
+                [{"shards": len(shard_sizes), "largest_shard_bytes": largest, "ratio": args.ratio,
+                  "peak_rss_bytes": rss, "tensors_identical": same, "logits_max_abs_diff": diff}])
         return 0 if same and diff == 0 and rss["checkpoint"] <= budget else 1
     finally:
         if not args.keep:

@@ -24,7 +24,6 @@ Prints one line per task (and a JSON summary with `--json FILE`); exit status 1 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from dataclasses import replace
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from taskprune.evaluate.runner import early_stop, evaluate, read_records, trap_verdict, within_budget
 from taskprune.evaluate.tasks import TASKS, get_task
+from taskprune.report.speed import Headline, write_benchmark
 from taskprune.settings import EvalSettings
 
 VERDICT = ("trap", "trap_type")
@@ -150,7 +150,13 @@ def main() -> int:
         for d in r["disagreements"]:
             print(f"  {d['id']}: full {d['full']}, early {d['early']}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        n = sum(r["n"] for r in results)
+        headline = [Headline("trap verdicts (and Type 1/2) equal to the full policy's",
+                             100 * sum(r["verdict_agreement"] * r["n"] for r in results) / n, 99.0, "%"),
+                    Headline("tokens decoded, early / full",
+                             sum(r["tokens_early"] for r in results) / sum(r["tokens_full"] for r in results),
+                             None, "x", higher_is_better=False)]
+        write_benchmark(args.json, "trap_early_stop", headline, results)
     return 0 if all(r["scores_identical"] and r["task_outputs_identical"] for r in results) else 1
 
 

@@ -394,3 +394,48 @@ def test_task_kind_is_the_stored_one_else_derived_from_the_values():
     assert [task_kind(rows, t) for t in ("humaneval", "squad-sim", "mc:arc-easy", "dialogue-sim")] == [
         "accuracy", "similarity", "multiple-choice", "similarity"]
     assert accuracy_tasks(rows) == ["humaneval", "mc:arc-easy"]
+
+
+def _speedup_rows() -> list[dict]:
+    """Two ratios x two engines, as benchmarks/pruned_speedup.py writes them."""
+    rows = []
+    for ratio, width, ideal in ((0.05, 4608, 1.04), (0.35, 3072, 1.30)):
+        for column, up in (("hf batch 1", 1 + 0.75 * (ideal - 1)), ("llama.cpp f32 batch 1", 1 + 0.9 * (ideal - 1))):
+            rows.append({"column": column, "variant": f"{ratio:.0%} (d_ff {width})", "model": "tiny", "ratio": ratio,
+                         "kept_width": width, "tokens_per_s": 10 * up, "unpruned_tokens_per_s": 10.0,
+                         "speedup": up, "ideal": ideal, "share_of_ideal": (up - 1) / (ideal - 1)})
+    return rows
+
+
+def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
+    from taskprune.report.speed import FOLDER, Headline, read_benchmark, write_benchmark
+    run = BUILD.build(tmp_path / "study")
+    monkeypatch.setattr("sys.argv", ["benchmarks/pruned_speedup.py", "--prompts", "2"])
+    own = write_benchmark(run / FOLDER / "speedup.json", "pruned_speedup",
+                          [Headline("hf batch 1: share of the ideal gain", 0.75, 0.8, "share")], _speedup_rows())
+    extra = write_benchmark(tmp_path / "surgery.json", "surgery_memory",
+                            [Headline("peak RSS / largest shard", 1.6, 2.15, "x", higher_is_better=False)])
+    back = read_benchmark(own)
+    assert back.name == "pruned_speedup" and back.command.endswith(" benchmarks/pruned_speedup.py --prompts 2")
+    assert back.headline[0].met is False and read_benchmark(extra).headline[0].met is True
+    text = write_report(run, tmp_path / "out", benchmarks=[extra])[0].read_text()
+    speed = text[text.index("## Speed"):]
+    # the 5% row: the study's selective 5% parameters share (478,224,384 of 494,032,768) and peak memory
+    assert _row(speed, "5%") == (f"| 5% | 4608 | {100 * 478224384 / 494032768:.1f}% | 1.16 | 1.040x | "
+                                 f"1.030x (0.75) | 1.036x (0.90) |")
+    assert _row(speed, "35%") == "| 35% | 3072 | – | – | 1.300x | 1.225x (0.75) | 1.270x (0.90) |"
+    assert "| pruned_speedup | hf batch 1: share of the ideal gain | 0.75 | ≥ 0.8 ✗ |" in speed
+    assert "| surgery_memory | peak RSS / largest shard | 1.6x | ≤ 2.15 ✓ |" in speed
+    assert "## Speed" not in write_report(BUILD.build(tmp_path / "bare"), tmp_path / "bare-out")[0].read_text()
+
+
+def test_a_bad_benchmark_file_is_one_line(tmp_path, capsys):
+    from taskprune.cli import main
+    run = BUILD.build(tmp_path / "study")
+    bad = tmp_path / "bench.json"
+    bad.write_text('{"benchmark": "x"}')
+    assert main(["report", str(run), "--benchmark", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a taskprune benchmark result" in err
+    assert main(["report", str(run), "--benchmark", str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err

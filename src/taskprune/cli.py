@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="a study directory made by taskprune run")
     p.add_argument("--out", type=Path, default=None, help="where to write the report (default: the study directory)")
     _reference(p)
+    p.add_argument("--benchmark", type=Path, action="append", default=[],
+                   help="a benchmark's --json file to show in the Speed section (repeat for several), beside the "
+                        "study's own RUN_DIR/benchmarks/*.json")
 
     _command(sub, cmd_info).add_argument("path", type=Path, help="profile directory or checkpoint directory")
 

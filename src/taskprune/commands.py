@@ -170,7 +170,7 @@ def cmd_run(args) -> int:
     run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=_data_dir(args), tasks=tasks,
               executor=executor)
     if not args.no_report:
-        cmd_report(argparse.Namespace(run_dir=run_dir, out=None, reference=args.reference))
+        cmd_report(argparse.Namespace(run_dir=run_dir, out=None, reference=args.reference, benchmark=[]))
     print(f"study {cfg.name} finished in {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.sqlite'}")
     return 0
 
@@ -180,7 +180,7 @@ def cmd_report(args) -> int:
     from taskprune.report import write_report
     if not (args.run_dir / "results.sqlite").is_file():
         raise FileNotFoundError(f"{args.run_dir} has no results.sqlite; run a study first (taskprune run CONFIG)")
-    md, html = write_report(args.run_dir, args.out, args.reference)
+    md, html = write_report(args.run_dir, args.out, args.reference, args.benchmark)
     print(f"report: {html} (Markdown: {md})")
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import plots
 from .reference import Reference, load_reference
+from .speed import Benchmark, load_benchmarks, machine_text
 from .tables import Cell, Comparison, Grid, Report, build_report, load_study
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +230,10 @@ def _n(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def build_doc(rep: Report, run_dir: Path, reference: Reference | None = None) -> Doc:
-    """The report's document; with `reference`, the published numbers beside the study's."""
+def build_doc(rep: Report, run_dir: Path, reference: Reference | None = None,
+              benchmarks: list[Benchmark] | tuple = ()) -> Doc:
+    """The report's document; with `reference`, the published numbers beside the study's; with `benchmarks`,
+    a Speed section of their measurements (report/speed.py)."""
     info = rep.info
     d = Doc()
     d.h(1, f"Pruning study report — {info['model'] or run_dir.name}")
@@ -255,6 +258,7 @@ def build_doc(rep: Report, run_dir: Path, reference: Reference | None = None) ->
     _similarity(d, rep)
     _layers(d, rep)
     _resources(d, rep)
+    _speed(d, rep, list(benchmarks))
     _scorers(d, rep)
     return d
 
@@ -461,6 +465,47 @@ def _resources(d: Doc, rep: Report) -> None:
               num(r.peak_gib, 2), tps(r.tokens_per_s_batch1), tps(r.tokens_per_s_eval)] for r in rep.resources])
 
 
+def _speed(d: Doc, rep: Report, benchmarks: list[Benchmark]) -> None:
+    if not benchmarks:
+        return
+    d.h(2, "Speed")
+    for b in benchmarks:
+        if b.name == "pruned_speedup" and b.rows:
+            _speedup_table(d, rep, b)
+    d.p("Every benchmark's headline figures, each a ratio against a baseline measured in the same run (so that "
+        "these noisy machines compare like with like), with the issue's target where there is one.")
+    d.table(["Benchmark", "Measure", "Value", "Target", "Machine", "Created"],
+            [[b.name, h.measure, f"{h.value:.3g}{h.unit if h.unit in ('x', '%') else ''}",
+              "–" if h.target is None else f"{'≥' if h.higher_is_better else '≤'} {h.target:g}"
+              + (" ✓" if h.met else " ✗"), machine_text(b.machine), b.created[:10]]
+             for b in benchmarks for h in b.headline])
+    d.p("Commands: " + "; ".join(f"`{b.command}`" for b in benchmarks if b.command) + ".")
+
+
+def _speedup_table(d: Doc, rep: Report, b: Benchmark) -> None:
+    """The pruned model's decode speed-up against its physical ideal, per ratio and engine, beside the study's
+    parameters and peak memory at that ratio (the paper's Table 5)."""
+    columns = list(dict.fromkeys(r["column"] for r in b.rows))
+    ratios = list(dict.fromkeys(r["ratio"] for r in b.rows if r.get("ratio") is not None))
+    study = {round(r.ratio, 4): r for r in rep.resources}
+    d.p(f"Decode speed of pruned models over the unpruned one ({b.rows[0].get('model', 'the model')}, random "
+        f"prunes, {machine_text(b.machine)}): each speed-up beside the ideal, the weight bytes read per decoded "
+        f"token unpruned over pruned, and in brackets the share of the ideal gain realised, (speed-up − 1) / "
+        f"(ideal − 1). Parameters and peak memory are the study's own variants at that ratio (Resources).")
+    rows = []
+    for ratio in ratios:
+        at = {r["column"]: r for r in b.rows if r.get("ratio") == ratio}
+        any_row = next(iter(at.values()))
+        res = study.get(round(ratio, 4))
+        rows.append([ratio_label(ratio), str(any_row.get("kept_width", "–")),
+                     "–" if res is None or res.params_vs_base is None else f"{num(res.params_vs_base)}%",
+                     num(None if res is None else res.peak_gib, 2), f"{any_row['ideal']:.3f}x"]
+                    + [f"{at[c]['speedup']:.3f}x ({at[c]['share_of_ideal']:.2f})" if c in at else "–"
+                       for c in columns])
+    d.table(["Ratio", "d_ff", "Parameters vs base", "Peak memory (GiB)", "Ideal"] + columns, rows,
+            caption="Decode speed-up over the unpruned model, measured vs ideal")
+
+
 def _scorers(d: Doc, rep: Report) -> None:
     d.h(2, "Scorers")
     grids = [g for g in rep.scorers.values() if not g.empty]
@@ -498,16 +543,19 @@ def _scorer_summary(d: Doc, rep: Report) -> None:
         d.table(headers, rows, caption=f"All metrics per scorer at {ratio_label(ratio)}")
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
-                 reference: str | Path | None = None) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, reference: str | Path | None = None,
+                 benchmarks: list[str | Path] | tuple = ()) -> tuple[Path, Path]:
     """Write `report.md` (+ its PNG figures) and the self-contained `report.html`; return their paths.
-    `reference`: a YAML file of published numbers to print beside the study's (report/reference.py)."""
+    `reference`: a YAML file of published numbers to print beside the study's (report/reference.py);
+    `benchmarks`: benchmark files (report/speed.py) shown in the Speed section beside the study's own
+    (`RUN_DIR/benchmarks/*.json`)."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     study = load_study(run_dir)
     rep = build_report(study)
-    doc = build_doc(rep, run_dir, None if reference is None else load_reference(reference, study.rows))
+    doc = build_doc(rep, run_dir, None if reference is None else load_reference(reference, study.rows),
+                    load_benchmarks(run_dir, benchmarks))
     for img in doc.images:
         (out_dir / img.name).write_bytes(img.png)
     md, page = out_dir / "report.md", out_dir / "report.html"
