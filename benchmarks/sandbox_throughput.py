@@ -42,7 +42,7 @@ from types import ModuleType
 
 from taskprune.data.registry import load_humaneval
 from taskprune.evaluate import sandbox
-from taskprune.report.speed import Headline, write_benchmark
+from taskprune.report.speed import Headline, machine, write_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,16 +83,6 @@ def timed(run_many, texts: list[str], workers: int, timeout_s: float) -> tuple[f
     return wall, cpu, results
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=None, help="first N tasks (default: all 164)")
@@ -106,7 +96,7 @@ def main() -> int:
 
     ids, texts = programs(args.n)
     found = sandbox.isolation()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores; Python {platform.python_version()}; "
+    print(f"CPU: {machine()['cpu']}, {os.cpu_count()} logical cores; Python {platform.python_version()}; "
           f"{platform.system()} {platform.release()}; euid {os.geteuid()}")
     print(f"new sandbox: {found.summary}")
     print(f"{len(texts)} HumanEval canonical solutions, {args.workers} workers, "

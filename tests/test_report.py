@@ -374,14 +374,21 @@ def test_reference_numbers_beside_ours(tmp_path):
     assert "Against the paper" not in plain.read_text()
 
 
-def test_a_bad_reference_file_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("option, name, content, message", [
+    ("--reference", "ref.yaml", "task: humaneval\ntables: {3a: {metric: wrong}}\n",
+     "tables.3a.metric must be one of accuracy"),
+    ("--benchmark", "bench.json", '{"benchmark": "x"}', "is not a taskprune benchmark result"),
+    ("--benchmark", "none.json", None, "does not exist"),
+])
+def test_a_bad_report_input_file_is_one_line(tmp_path, capsys, option, name, content, message):
     from taskprune.cli import main
     run = BUILD.build(tmp_path / "study")
-    bad = tmp_path / "ref.yaml"
-    bad.write_text("task: humaneval\ntables: {3a: {metric: wrong}}\n")
-    assert main(["report", str(run), "--reference", str(bad)]) == 2
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_text(content)
+    assert main(["report", str(run), option, str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tables.3a.metric must be one of accuracy" in err
+    assert err.count("\n") == 1 and message in err
 
 
 def test_task_kind_is_the_stored_one_else_derived_from_the_values():
@@ -427,15 +434,3 @@ def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
     assert "| pruned_speedup | hf batch 1: share of the ideal gain | 0.75 | ≥ 0.8 ✗ |" in speed
     assert "| surgery_memory | peak RSS / largest shard | 1.6x | ≤ 2.15 ✓ |" in speed
     assert "## Speed" not in write_report(BUILD.build(tmp_path / "bare"), tmp_path / "bare-out")[0].read_text()
-
-
-def test_a_bad_benchmark_file_is_one_line(tmp_path, capsys):
-    from taskprune.cli import main
-    run = BUILD.build(tmp_path / "study")
-    bad = tmp_path / "bench.json"
-    bad.write_text('{"benchmark": "x"}')
-    assert main(["report", str(run), "--benchmark", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is not a taskprune benchmark result" in err
-    assert main(["report", str(run), "--benchmark", str(tmp_path / "none.json")]) == 2
-    assert "does not exist" in capsys.readouterr().err

@@ -53,7 +53,6 @@ class Benchmark:
     machine: dict
     headline: list[Headline] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
-    path: Path | None = None
 
 
 def machine() -> dict:
@@ -111,7 +110,7 @@ def read_benchmark(path: str | Path) -> Benchmark:
     except (TypeError, ValueError) as err:
         raise BenchmarkFileError(f"benchmark file {path}: malformed headline or rows ({err}); {again}") from None
     return Benchmark(doc["benchmark"], str(doc.get("created", "")), str(doc.get("command", "")),
-                     dict(doc.get("machine") or {}), headline, rows, path)
+                     dict(doc.get("machine") or {}), headline, rows)
 
 
 def load_benchmarks(run_dir: str | Path, extra: list[str | Path] | tuple = ()) -> list[Benchmark]:
