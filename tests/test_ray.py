@@ -34,8 +34,8 @@ def _kill_once_hook(control: str):
     pruned variant dies (os._exit) right after its first record is on disk, and writes `control/killed`
     (that records file); the retried attempt notes in `control/resumed` how many records it found there."""
     def install() -> None:
-        from taskprune.evaluate import runner
-        real_records, real_generate = runner.generate_records, runner.generate
+        from taskprune.evaluate import backends, runner
+        real_records, real_generate = runner.generate_records, backends.TorchBackend.generate
         armed: list[Path] = []
 
         def generate_records(lm, task, examples, path, *args, **kwargs):
@@ -52,13 +52,13 @@ def _kill_once_hook(control: str):
                             fh.write(f"{len(runner.read_records(path))}\n")
             return real_records(lm, task, examples, path, *args, **kwargs)
 
-        def generate(*args, on_record=None, **kwargs):
+        def generate(self, *args, on_record=None, **kwargs):
             def record(r) -> None:
                 on_record(r)
                 if armed:
                     os._exit(1)  # dies like a killed worker: no exception, no clean-up
-            return real_generate(*args, on_record=record if on_record else None, **kwargs)
-        runner.generate_records, runner.generate = generate_records, generate
+            return real_generate(self, *args, on_record=record if on_record else None, **kwargs)
+        runner.generate_records, backends.TorchBackend.generate = generate_records, generate
     return install
 
 

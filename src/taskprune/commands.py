@@ -126,7 +126,8 @@ def cmd_eval(args) -> int:
     lm = model.load()
     if args.overwrite and args.out.exists():  # only now: a model that fails to load loses nothing
         shutil.rmtree(args.out)
-    summary = evaluate(lm, list(settings.tasks), args.out, settings, references, similarity, data_dir=_data_dir(args))
+    summary = evaluate(lm, list(settings.tasks), args.out, settings, references, similarity, data_dir=_data_dir(args),
+                       cache_dir=model.cache_dir)
     r = summary["resources"]
     peak = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB (weights {r['weight_bytes'] / 2**30:.2f} + working set)"
             if r["peak_memory_bytes"] is not None else "not measurable here")

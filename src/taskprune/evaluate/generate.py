@@ -65,6 +65,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -73,7 +74,7 @@ from transformers.cache_utils import DynamicLayer
 from taskprune.models.adapters import model_adapter
 from taskprune.models.batch import pad_batch
 
-__all__ = ["EarlyStop", "GenerationRecord", "generate", "eos_token_ids"]
+__all__ = ["Decoder", "EarlyStop", "GenerationRecord", "Row", "decode_greedy", "generate", "eos_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class EarlyStop:
 
 
 @dataclass
-class _Row:
+class Row:
     """Mutable per-sample state while a prompt is being decoded."""
 
     index: int
@@ -175,13 +176,30 @@ def _left_pad_kv(t: torch.Tensor, extra: int) -> torch.Tensor:
     return torch.cat([pad, t], dim=2)
 
 
-class _Batch:
-    """The running batch: a KV cache, its attention mask and the token each row feeds next."""
+class Decoder(Protocol):
+    """An engine's side of greedy decoding (:func:`decode_greedy` does the rest): it holds the caches
+    of the running rows, in `rows` order. A row's pending token, produced but not yet in its cache,
+    is the last of its `generated` tokens."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor, next_tokens: torch.Tensor, rows: list[_Row]):
+    rows: list[Row]
+
+    def add(self, rows: list[Row]) -> list[int]:
+        """Prefill `rows` (prompt plus anything generated), append them to the running rows and
+        return the greedy next token of each."""
+
+    def step(self) -> list[int]:
+        """Feed every running row its pending token; return the greedy next token of each."""
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the running rows at positions `keep`."""
+
+
+class _Batch:
+    """The running batch of the transformers engine: a KV cache and its attention mask."""
+
+    def __init__(self, cache: DynamicCache | None, mask: torch.Tensor | None, rows: list[Row]):
         self.cache = cache
         self.mask = mask  # [B, L] over cached positions
-        self.next_tokens = next_tokens  # [B] last generated token, not yet in the cache
         self.rows = rows
 
     def __len__(self) -> int:
@@ -193,14 +211,13 @@ class _Batch:
             return
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.cache, self.mask, self.next_tokens = None, None, None
+            self.cache, self.mask = None, None
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
         # First column that is real for at least one remaining row; everything left of it is dead.
         start = int(mask.any(dim=0).int().argmax())
         self.mask = mask[:, start:]
-        self.next_tokens = self.next_tokens.index_select(0, idx)
         kv = [
             (k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
             for k, v in _cache_tensors(self.cache)
@@ -210,7 +227,7 @@ class _Batch:
     def merge(self, other: _Batch) -> None:
         """Append ``other``'s rows, left-padding the shorter cache so columns line up."""
         if not self.rows:
-            self.cache, self.mask, self.next_tokens, self.rows = other.cache, other.mask, other.next_tokens, other.rows
+            self.cache, self.mask, self.rows = other.cache, other.mask, other.rows
             return
         la, lb = self.mask.shape[1], other.mask.shape[1]
         width = max(la, lb)
@@ -230,49 +247,48 @@ class _Batch:
             ],
             dim=0,
         )
-        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
         self.rows = self.rows + other.rows
 
 
-def _prefill(
-    model, rows: list[_Row], pad_id: int, device: torch.device, cache_kw: str
-) -> tuple[_Batch, torch.Tensor]:
-    """Prefill ``rows`` (prompt + anything generated so far) into a fresh cache.
+class _TorchDecoder:
+    """The transformers engine: one ``DynamicCache`` over the running rows, evicted and refilled by
+    per-row cache surgery (see the module docstring)."""
 
-    Returns the batch (``next_tokens`` unset) and the greedy next token of every row.
-    """
-    batch = pad_batch([r.prompt_ids + r.generated for r in rows], pad_id, "left").to(device)
-    mask = batch.attention_mask
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=mask,
-        position_ids=batch.position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_kw: cache},
-    )  # the cache is filled in place
-    # Zero the keys/values computed at padded positions so that nothing non-finite there can ever
-    # leak through a zero attention weight after merging (0 * nan = nan).
-    keep = mask.bool()[:, None, :, None]
-    kv = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in _cache_tensors(cache)]
-    batch = _Batch(DynamicCache(ddp_cache_data=kv), mask, None, rows)
-    return batch, out.logits[:, -1, :].argmax(dim=-1)
+    def __init__(self, model: PreTrainedModel, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = _model_device(model)
+        self.cache_kw = _cache_kwarg(model)
+        self.batch = _Batch(None, None, [])
 
+    @property
+    def rows(self) -> list[Row]:
+        return self.batch.rows
 
-def _decode_step(model, batch: _Batch, cache_kw: str) -> torch.Tensor:
-    """Feed each row's pending token; return the greedy next token of every row."""
-    positions = batch.mask.sum(dim=-1, keepdim=True)  # number of real tokens already cached
-    mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
-    out = model(
-        input_ids=batch.next_tokens[:, None],
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        **{cache_kw: batch.cache},
-    )  # the cache grows in place
-    batch.mask = mask
-    return out.logits[:, -1, :].argmax(dim=-1)
+    def add(self, rows: list[Row]) -> list[int]:
+        batch = pad_batch([r.prompt_ids + r.generated for r in rows], self.pad_id, "left").to(self.device)
+        mask = batch.attention_mask
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})  # fills the cache in place
+        # Zero the keys/values computed at padded positions so that nothing non-finite there can ever
+        # leak through a zero attention weight after merging (0 * nan = nan).
+        keep = mask.bool()[:, None, :, None]
+        kv = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in _cache_tensors(cache)]
+        self.batch.merge(_Batch(DynamicCache(ddp_cache_data=kv), mask, rows))
+        return out.logits[:, -1, :].argmax(dim=-1).tolist()
+
+    def step(self) -> list[int]:
+        batch = self.batch
+        pending = torch.tensor([[r.generated[-1]] for r in batch.rows], device=self.device)
+        positions = batch.mask.sum(dim=-1, keepdim=True)  # number of real tokens already cached
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        out = self.model(input_ids=pending, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kw: batch.cache})  # the cache grows in place
+        batch.mask = mask
+        return out.logits[:, -1, :].argmax(dim=-1).tolist()
+
+    def keep(self, keep: list[int]) -> None:
+        self.batch.select(keep)
 
 
 def generate(
@@ -316,19 +332,45 @@ def generate(
     ignored. EOS is the tokenizer's EOS plus every id in ``model.generation_config.eos_token_id``.
     A prompt's output does not depend on which other prompts share its batch.
     """
+    # Fills only left padding, which the mask hides and whose keys/values are zeroed: any id gives the
+    # same tokens.
+    decoder = _TorchDecoder(model, model_adapter(model).pad_id(tokenizer))
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # no dropout; every module's own mode is restored afterwards
+    try:
+        with torch.inference_mode():
+            return decode_greedy(decoder, tokenizer, eos_token_ids(model, tokenizer), prompts, max_new_tokens,
+                                 batch_size, stop, progress, on_record, stop_check_chars=stop_check_chars,
+                                 early=early)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def decode_greedy(
+    decoder: Decoder,
+    tokenizer: PreTrainedTokenizerBase,
+    eos_ids: set[int],
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    stop: Callable[[str], bool] | None = None,
+    progress: bool = True,
+    on_record: Callable[[GenerationRecord], None] | None = None,
+    *,
+    stop_check_chars: str | None = "}",
+    early: EarlyStop | None = None,
+) -> list[GenerationRecord]:
+    """:func:`generate`'s loop on any engine's `decoder`: prompts encoded by `tokenizer`, longest first,
+    up to `batch_size` running at once; a row ends on an id in `eos_ids`, the budget, `stop` or `early`
+    and its slot is refilled at once. Every engine shares this, so that tasks, stop rules and records
+    are the same whichever engine decodes."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     if not prompts:
         return []
-
-    device = _model_device(model)
-    cache_kw = _cache_kwarg(model)
-    eos_ids = eos_token_ids(model, tokenizer)
-    # Fills only left padding, which the mask hides and whose keys/values _prefill zeroes: any id
-    # gives the same tokens.
-    pad_id = model_adapter(model).pad_id(tokenizer)
 
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     for i, ids in enumerate(encoded):
@@ -346,7 +388,7 @@ def generate(
     start_time = time.perf_counter()
     total_new = 0
 
-    def accept(row: _Row, token: int) -> bool:
+    def accept(row: Row, token: int) -> bool:
         """Append ``token`` to ``row``; return True (and set ``stopped_by``) if the row is done."""
         row.generated.append(token)
         if token in eos_ids:
@@ -372,7 +414,7 @@ def generate(
     def _decode(tokens: Iterable[int]) -> str:
         return tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-    def finish(row: _Row) -> None:
+    def finish(row: Row) -> None:
         nonlocal total_new
         rec = GenerationRecord(
             index=row.index,
@@ -392,48 +434,31 @@ def generate(
             bar.set_postfix(tok_s=f"{total_new / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)
 
-    def settle(batch: _Batch, tokens: torch.Tensor, token_list: list[int]) -> None:
-        """Record the new token of every row, finish the rows that are done, evict them."""
-        keep = []
-        for r, (row, tok) in enumerate(zip(batch.rows, token_list, strict=True)):
-            if accept(row, tok):
+    def timed(rows: list[Row], run: Callable[[], list[int]]) -> None:
+        """Run one engine call for `rows` (its time split evenly over them), take each row's new token,
+        finish the rows that are done and evict them."""
+        t0 = time.perf_counter()
+        tokens = run()
+        dt = time.perf_counter() - t0
+        done = False
+        for row, token in zip(rows, tokens, strict=True):
+            row.seconds += dt / len(rows)
+            if accept(row, token):
                 finish(row)
-            else:
-                keep.append(r)
-        batch.next_tokens = tokens
-        batch.select(keep)
+                done = True
+        if done:
+            decoder.keep([i for i, row in enumerate(decoder.rows) if row.stopped_by is None])
 
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()  # no dropout; every module's own mode is restored afterwards
     try:
-        with torch.inference_mode():
-            running = _Batch(None, None, None, [])
-            while waiting or running.rows:
-                # Refill free slots. Newcomers may finish on their first token; loop until full.
-                while waiting and len(running) < batch_size:
-                    take = min(batch_size - len(running), len(waiting))
-                    rows = [_Row(index=i, prompt_ids=encoded[i]) for i in (waiting.popleft() for _ in range(take))]
-                    t0 = time.perf_counter()
-                    fresh, tokens = _prefill(model, rows, pad_id, device, cache_kw)
-                    token_list = tokens.tolist()  # synchronises, so dt covers the prefill
-                    dt = time.perf_counter() - t0
-                    for row in rows:
-                        row.seconds += dt / len(rows)
-                    settle(fresh, tokens, token_list)
-                    if fresh.rows:
-                        running.merge(fresh)
-                if not running.rows:
-                    continue
-                t0 = time.perf_counter()
-                tokens = _decode_step(model, running, cache_kw)
-                token_list = tokens.tolist()
-                dt = time.perf_counter() - t0
-                for row in running.rows:
-                    row.seconds += dt / len(running)
-                settle(running, tokens, token_list)
+        while waiting or decoder.rows:
+            # Refill free slots. Newcomers may finish on their first token; loop until full.
+            while waiting and len(decoder.rows) < batch_size:
+                take = min(batch_size - len(decoder.rows), len(waiting))
+                rows = [Row(index=i, prompt_ids=encoded[i]) for i in (waiting.popleft() for _ in range(take))]
+                timed(rows, lambda rows=rows: decoder.add(rows))
+            if decoder.rows:
+                timed(list(decoder.rows), decoder.step)
     finally:
-        for module, training in modes:
-            module.training = training
         if bar is not None:
             bar.close()
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 from taskprune.data import Example
 from taskprune.evaluate import provenance
-from taskprune.evaluate.generate import EarlyStop, generate
+from taskprune.evaluate.backends import Backend, TorchBackend, open_backend
+from taskprune.evaluate.generate import EarlyStop
 from taskprune.evaluate.multiple_choice import evaluate_multiple_choice
-from taskprune.evaluate.resources import (WorkingSet, checkpoint_bytes, decode_tokens_per_second,
-                                          parameter_count, weight_bytes)
+from taskprune.evaluate.resources import WorkingSet, checkpoint_bytes, parameter_count, weight_bytes
 from taskprune.evaluate.sandbox import check_isolation, run_many
 from taskprune.evaluate.tasks import DEFAULT_TASK, GENERATE, MULTIPLE_CHOICE, SIMILARITY, Task, get_task
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
@@ -66,8 +66,10 @@ def write_records(path: Path, records: list[dict]) -> None:
 
 
 def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path: Path, budget: int,
-                     settings: EvalSettings, made_by: str, progress: bool = True) -> dict[str, dict]:
-    """Generate for every example without a record in `path`, appending as samples finish.
+                     settings: EvalSettings, made_by: str, progress: bool = True,
+                     backend: Backend | None = None) -> dict[str, dict]:
+    """Generate for every example without a record in `path` with `backend` (default: transformers),
+    appending as samples finish.
 
     Records already there must carry `made_by` (the key of this model and these settings) and this
     run's prompt for their item; anything else is refused (provenance.StaleRecordsError)."""
@@ -89,8 +91,9 @@ def generate_records(lm: LoadedModel, task: Task, examples: list[Example], path:
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 done[rec["id"]] = rec
-            generate(lm.model, lm.tokenizer, prompts, budget, batch_size=settings.batch_size, stop=stop,
-                     progress=progress, on_record=on_record, early=early_stop(task, budget, settings, lm.tokenizer))
+            (backend or TorchBackend(lm)).generate(prompts, budget, batch_size=settings.batch_size, stop=stop,
+                                                   progress=progress, on_record=on_record,
+                                                   early=early_stop(task, budget, settings, lm.tokenizer))
     return done
 
 
@@ -206,10 +209,11 @@ def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSetting
     budget = max(task.max_new_tokens, settings.trap_budget)
     start = time.perf_counter()
     path = out_dir / task.records_file
-    made_by = provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, task_settings(task, budget, settings))
+    made_by = provenance.claim(out_dir, ctx.spec, ctx.identity, task.name,
+                               task_settings(task, budget, settings, ctx.backend.name))
     generated_before = len(read_records(path))
     with WorkingSet(next(lm.model.parameters()).device) as ws:
-        records = generate_records(lm, task, examples, path, budget, settings, made_by, progress)
+        records = generate_records(lm, task, examples, path, budget, settings, made_by, progress, ctx.backend)
     rows = score_records(lm, task, examples, records, settings, ctx.references, ctx.similarity)
     write_records(path, rows)
     result = summarise(task, rows)
@@ -227,12 +231,13 @@ def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSetting
 @dataclass(frozen=True)
 class EvalContext:
     """What one task's evaluation is made by and against: the model (spec and identity, for provenance),
-    the task's earlier summary in this directory, a similarity task's references and scorer, and where
-    the offline data copies are."""
+    the task's earlier summary in this directory, the engine that decodes, a similarity task's
+    references and scorer, and where the offline data copies are."""
 
     spec: str
     identity: dict
     earlier: dict
+    backend: Backend
     references: dict[str, str] | None = None
     similarity: object | None = None
     data_dir: str | None = None
@@ -247,11 +252,14 @@ def model_identity(lm: LoadedModel) -> dict:
             "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch.")}
 
 
-def task_settings(task: Task, budget: int, settings: EvalSettings) -> dict:
+def task_settings(task: Task, budget: int, settings: EvalSettings, backend: str = "hf") -> dict:
     """Everything besides the model that decides a task's records and their scores (a similarity score
-    also depends on its reference answer, stored in the record and rescored when it changes)."""
+    also depends on its reference answer, stored in the record and rescored when it changes), including
+    the engine that decoded them (`backend`, resolved: never `auto`)."""
     out = {"task": task.name, "max_new_tokens": task.max_new_tokens, "generation_budget": budget,
            "stop_at_boxed": bool(settings.stop_at_boxed and task.stop)}
+    if backend != "hf":  # transformers' records keep the key they had before there were engines
+        out["backend"] = backend
     if settings.trap_policy != "full" and budget > task.max_new_tokens:  # the default (full) leaves earlier records' key as it was
         out["trap_policy"] = settings.trap_policy
     if task.program is not None:
@@ -267,12 +275,13 @@ def _speed_prompts(lm: LoadedModel, tasks: list[Task], n: int, data_dir: str | N
 
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
              references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True,
-             identity: dict | None = None, data_dir: str | None = None) -> dict:
+             identity: dict | None = None, data_dir: str | None = None, cache_dir: Path | None = None) -> dict:
     """Evaluate `lm` on `task_names`, writing per-sample JSONL and `summary.json` under `out_dir`.
 
     `identity` names the model for the resume check (default: `model_identity(lm)`, its weights);
     a study passes its variant instead. Records made by another model or with other settings are
-    refused (provenance.StaleRecordsError), never reused.
+    refused (provenance.StaleRecordsError), never reused. `cache_dir` holds the llama.cpp engine's GGUF
+    exports (default ~/.cache/taskprune or $TASKPRUNE_CACHE).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,10 +299,17 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         if sandbox.missing:
             print(f"WARNING: generated code runs with weaker containment: {sandbox.summary}", file=sys.stderr,
                   flush=True)
-    for task in tasks:
-        ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), (references or {}).get(task.name),
-                          similarity, data_dir)
-        summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
+    backend = open_backend(settings.backend, lm, cache_dir, _speed_prompts(lm, tasks, settings.batch_size, data_dir)
+                           if settings.backend == "auto" else (), settings.batch_size, progress)
+    try:
+        for task in tasks:
+            ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), backend,
+                              (references or {}).get(task.name), similarity, data_dir)
+            summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
+        batch1 = (backend.tokens_per_second(_speed_prompts(lm, tasks, settings.speed_prompts, data_dir))
+                  if settings.speed_prompts else None)
+    finally:
+        backend.close()
     working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
     weights = weight_bytes(lm.model)
     summary["resources"] = {
@@ -304,9 +320,8 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         "peak_memory_bytes": weights + max(working) if working else None,
         "peak_memory_kind": ("cuda" if device.type == "cuda" else "rss") + " weights+working_set" if working else None,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
-        "tokens_per_s_batch1": decode_tokens_per_second(
-            lm.model, lm.tokenizer, _speed_prompts(lm, tasks, settings.speed_prompts, data_dir))
-        if settings.speed_prompts else None,
+        "backend": backend.name,
+        "tokens_per_s_batch1": batch1,
         "tokens_per_s_eval_batch": {n: t["tokens_per_s"] for n, t in summary["tasks"].items() if "tokens_per_s" in t},
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
