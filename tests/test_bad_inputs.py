@@ -4,6 +4,7 @@ and leaves the output path exactly as it was (existence and contents hashed befo
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -319,6 +320,13 @@ def case_eval_limit_negative(c):
             "--limit: must be at least 1")
 
 
+def case_eval_backend_llamacpp_not_installed(c):
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama.cpp is installed here: tests_gguf covers that engine")
+    return (["eval", "--model", c.tiny, "--tasks", "humaneval", "--limit", 1, "--backend", "llamacpp",
+             "--out", c.tmp / "e"], [c.tmp / "e"], "--backend llamacpp needs llama.cpp's Python bindings")
+
+
 def case_missing_required_option(c):
     return ["prune", "--model", c.tiny, "--out", c.tmp / "o"], [c.tmp / "o"], "required: --ratio"
 
@@ -380,6 +388,16 @@ def case_config_limit_list(c):
 
 def case_config_limit_0(c):
     return (*_run(c, **{"evaluation.limit": {"mbpp": 0}}), "evaluation.limit.mbpp: 0 is below the minimum 1")
+
+
+def case_config_backend_llamacpp_not_installed(c):
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama.cpp is installed here: tests_gguf covers that engine")
+    return (*_run(c, **{"evaluation.backend": "llamacpp"}), "--backend llamacpp needs llama.cpp's Python bindings")
+
+
+def case_config_backend_unknown(c):
+    return (*_run(c, **{"evaluation.backend": "vllm-gpu"}), "evaluation.backend")
 
 
 def case_config_limit_unknown_task(c):

@@ -114,12 +114,14 @@ def cmd_eval(args) -> int:
     Greedy, batched evaluation with one JSONL record per sample (re-running skips finished samples) and a
     summary.json. Tasks: {tasks}, and mc:SET for multiple-choice log-likelihood scoring (acc, acc_norm as
     lm-evaluation-harness; {mc_sets})."""
+    from taskprune.evaluate.backends import require_backend
     from taskprune.evaluate.references import similarity_inputs
     from taskprune.evaluate.runner import evaluate
     from taskprune.evaluate.tasks import get_task
     model, settings = from_args(ModelSettings, args), from_args(EvalSettings, args)
     for name in settings.tasks:  # fail on a typo before loading anything
         get_task(name)
+    require_backend(settings.backend)
     if args.overwrite:
         check_replaceable(args.out, "eval")
     references, similarity = similarity_inputs(model, settings, args.reference_model, _data_dir(args))

@@ -33,6 +33,7 @@ from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.models.load import model_d_ff
 from taskprune.options import settings_hash
 from taskprune.pipeline import capture_profile, plan_from_profile
+from taskprune.evaluate.backends import require_backend
 from taskprune.settings import EvalSettings
 from taskprune.profile import load_profile, save_profile
 from taskprune.results import ResultRow, ResultsError, ResultStore
@@ -115,6 +116,7 @@ class Study:
         if unknown:
             raise ValueError(f"tasks {unknown} are not in the config's evaluation.tasks "
                              f"({', '.join(cfg.evaluation.tasks)}); a run can only do a subset of them")
+        require_backend(cfg.evaluation.backend)  # llama.cpp missing: say so before the first variant, not after it
         # This invocation's tasks (a subset run now, the rest by a later run); the config's order is kept.
         self.tasks = tuple(t for t in cfg.evaluation.tasks if tasks is None or t in tasks)
         self.work = work(cfg)  # checks `first` before anything is written

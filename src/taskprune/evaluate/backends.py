@@ -68,6 +68,15 @@ BACKENDS = {"hf": TorchBackend, "llamacpp": _llamacpp}
 BACKEND_CHOICES = ("hf", "llamacpp", "auto")
 
 
+def require_backend(name: str) -> None:
+    """Fail now, before any output exists, where engine `name` is unknown or cannot run here."""
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    if name == "llamacpp":
+        from taskprune.evaluate.llamacpp import llama_cpp_module
+        llama_cpp_module()
+
+
 def open_backend(name: str, lm: LoadedModel, cache_dir: Path | None = None, probe: list[str] = (),
                  batch_size: int = 8, progress: bool = True) -> Backend:
     """The engine `name` over `lm`; `auto` measures both on the `probe` prompts (see `choose`)."""
@@ -75,8 +84,7 @@ def open_backend(name: str, lm: LoadedModel, cache_dir: Path | None = None, prob
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     if name == "auto":
         name = choose(lm, cache_dir, list(probe), batch_size, progress)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+    require_backend(name)
     return BACKENDS[name](lm, cache_dir, progress)
 
 
@@ -120,4 +128,4 @@ def choose(lm: LoadedModel, cache_dir: Path, probe: list[str], batch_size: int, 
     return choice["backend"]
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "Backend", "TorchBackend", "choose", "open_backend"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "Backend", "TorchBackend", "choose", "open_backend", "require_backend"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from taskprune.data import Example
 from taskprune.evaluate import provenance
-from taskprune.evaluate.backends import Backend, TorchBackend, open_backend
+from taskprune.evaluate.backends import Backend, TorchBackend, open_backend, require_backend
 from taskprune.evaluate.generate import EarlyStop
 from taskprune.evaluate.multiple_choice import evaluate_multiple_choice
 from taskprune.evaluate.resources import WorkingSet, checkpoint_bytes, parameter_count, weight_bytes
@@ -283,6 +283,7 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     refused (provenance.StaleRecordsError), never reused. `cache_dir` holds the llama.cpp engine's GGUF
     exports (default ~/.cache/taskprune or $TASKPRUNE_CACHE).
     """
+    require_backend(settings.backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(lm.model.parameters()).device
