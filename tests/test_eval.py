@@ -286,3 +286,11 @@ def test_tasks_are_data_with_hooks():
         get_task("mc:nope")
     with pytest.raises(ValueError, match="unknown task"):
         get_task("nope")
+
+
+def test_the_engine_enters_the_records_key_except_transformers():
+    from taskprune.evaluate.runner import task_settings
+    task, settings = get_task("humaneval"), EvalSettings()
+    hf = task_settings(task, 1024, settings)
+    assert task_settings(task, 1024, settings, "hf") == hf and "backend" not in hf  # earlier records stay valid
+    assert task_settings(task, 1024, settings, "llamacpp") == {**hf, "backend": "llamacpp"}
