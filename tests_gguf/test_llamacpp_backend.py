@@ -5,6 +5,7 @@ its GGUF cache keeps the newest files only."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -56,3 +57,19 @@ def test_gguf_cache_keeps_the_newest_exports(tiny, tmp_path, monkeypatch):
     assert path.is_file() and path.suffix == ".gguf" and path.stat().st_size > 1000
     assert sorted(p.name for p in folder.glob("*.gguf")) == sorted([path.name, "old-f32.gguf"])
     assert llamacpp.cached_gguf(tiny, tmp_path, progress=False) == path  # not exported again
+
+
+def test_auto_measures_both_engines_once_and_remembers_the_faster(tiny, tmp_path, monkeypatch):
+    from taskprune.evaluate import backends
+    prompts = [p + "\n" for p in MANY]
+    backend = backends.open_backend("auto", tiny, tmp_path, prompts, batch_size=2, progress=False)
+    backend.close()
+    known = json.loads((tmp_path / "backends.json").read_text())
+    (choice,) = known.values()
+    assert set(choice["tokens_per_s"]) == {"hf", "llamacpp"} and all(v > 0 for v in choice["tokens_per_s"].values())
+    assert backend.name == choice["backend"] == max(choice["tokens_per_s"], key=choice["tokens_per_s"].get)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(backends, "BACKENDS", {name: no_measuring for name in backends.BACKENDS})
+    assert backends.choose(tiny, tmp_path, prompts, 2, progress=False) == choice["backend"]
