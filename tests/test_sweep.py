@@ -1,6 +1,7 @@
 """A tiny study end to end (2 strategies x 2 ratios, recovery for a few steps) and resume after a fault."""
 
 import sqlite3
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -195,5 +196,9 @@ def test_resources_are_not_part_of_a_studys_identity(tiny_dir, tmp_path):
     on_gpus = load_config(_config(tmp_path, tiny_dir, resources={"num_gpus": 1, "num_cpus": 4, "max_retries": 0}))
     assert (on_gpus.resources.num_gpus, on_gpus.resources.num_cpus, on_gpus.hash()) == (1.0, 4.0, plain.hash())
     assert sweep.Study(on_gpus, tmp_path / "run", progress=False).resuming
+    saving = load_config(_config(tmp_path, tiny_dir, recovery={**asdict(plain.recovery), "save_every": 2}))
+    assert (saving.recovery.save_every, saving.hash()) == (2, plain.hash())  # how often a recovery checkpoints
+    other = load_config(_config(tmp_path, tiny_dir, recovery={**asdict(plain.recovery), "epochs": 2}))
+    assert other.hash() != plain.hash()
     with pytest.raises(ConfigError, match="resources.num_gpus: -1.0 is below the minimum 0"):
         load_config(_config(tmp_path, tiny_dir, resources={"num_gpus": -1}))

@@ -60,9 +60,11 @@ class StudyConfig:
     resources: Resources = Resources()
 
     def hash(self) -> str:
-        """The study's identity: what makes its results (so not where they are made: `resources` is left out,
-        and a study started on one machine resumes on a cluster)."""
-        return settings_hash(replace(self, resources=Resources()))[:12]
+        """The study's identity: what makes its results (so not where or how safely they are made: `resources`
+        is left out, and a study started on one machine resumes on a cluster; so is `recovery.save_every`, which
+        a recovery already resumes across)."""
+        return settings_hash(replace(self, resources=Resources(),
+                                     recovery=replace(self.recovery, save_every=None)))[:12]
 
 
 def to_dict(obj) -> dict:
