@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from taskprune.models.adapters import MLPAdapter, down_proj_hooks
 from taskprune.models.batch import pad_batch
+from taskprune.models.load import input_device
 
 
 @dataclass
@@ -109,7 +110,7 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
     per_prompt = torch.zeros(len(texts), layers, d_ff) if keep_per_prompt else None
 
     recorder = _Recorder(stats, keep_per_prompt)
-    device = next(model.parameters()).device
+    device = input_device(model)
     decoder = adapter.decoder(model)  # the LM head is not needed
     pad_id = adapter.pad_id(tokenizer)
     with down_proj_hooks(model, adapter, recorder.record), \

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from taskprune.capture import encode_texts
 from taskprune.models.adapters import MLPAdapter, down_proj_hooks
 from taskprune.models.batch import PaddedBatch, pad_batch
+from taskprune.models.load import input_device
 
 KINDS = ("taylor", "ig")
 IG_POSITIONS = ("all", "answer")
@@ -231,7 +232,7 @@ def gradient_stats(model: nn.Module, tokenizer, texts: Sequence[str], adapter: M
     if "ig" in kinds:
         acc.update({"ig.sum": z(), "ig.positions": torch.zeros(1, dtype=torch.float64)})
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad_id = adapter.pad_id(tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     was_training = model.training

@@ -20,13 +20,16 @@ Gradient = Literal["taylor", "ig"]
 class ModelSettings:
     model: str = option(help="hub id, local HF dir, .gguf file or packaged name")
     dtype: Dtype = option("auto", help="auto: bf16 where the GPU/CPU supports it natively, else fp32")
-    device: str | None = option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    device: str | None = option(None, help="cpu, cuda, cuda:1 ... or auto: accelerate spreads the layers over the "
+                                           "GPUs, then the CPU, then disk (default: cuda if available)")
+    max_memory: str | None = option(None, help="with --device auto, the most each device holds, e.g. "
+                                               "0=20GiB,1=20GiB,cpu=64GiB (default: what is free)")
     cache_dir: Path | None = option(None, help="where converted GGUF models and profiles are cached "
                                                "(default ~/.cache/taskprune or $TASKPRUNE_CACHE)")
 
     def load(self):
         from taskprune.models import load_model
-        return load_model(self.model, self.dtype, self.device, self.cache_dir)
+        return load_model(self.model, self.dtype, self.device, self.cache_dir, max_memory=self.max_memory)
 
 
 @dataclass(frozen=True)

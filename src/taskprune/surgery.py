@@ -11,6 +11,7 @@ from torch import nn
 from taskprune import __version__
 from taskprune.atomic import atomic_dir
 from taskprune.models.adapters import MLPAdapter
+from taskprune.models.load import is_dispatched
 from taskprune.plan import Plan
 
 
@@ -20,6 +21,9 @@ def prune_model(model: nn.Module, adapter: MLPAdapter, plan: Plan) -> nn.Module:
     Survivors keep their order. `config.intermediate_size` becomes the kept width, so
     `save_pretrained` writes a checkpoint that stock `transformers` rebuilds at the right shapes.
     """
+    if is_dispatched(model):
+        raise ValueError("the model was loaded with --device auto (accelerate placed its layers, some maybe on "
+                         "disk), which cannot be pruned in memory: prune the checkpoint with taskprune prune --stream")
     mlps = adapter.mlps(model)
     if len(mlps) != len(plan.keep):
         raise ValueError(f"plan has {len(plan.keep)} layers, model has {len(mlps)}")

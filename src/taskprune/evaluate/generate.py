@@ -73,6 +73,7 @@ from transformers.cache_utils import DynamicLayer
 
 from taskprune.models.adapters import model_adapter
 from taskprune.models.batch import pad_batch
+from taskprune.models.load import input_device
 
 __all__ = ["Decoder", "EarlyStop", "GenerationRecord", "Row", "decode_greedy", "generate", "eos_token_ids"]
 
@@ -142,13 +143,6 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
         else:
             ids.update(int(i) for i in cfg_eos)
     return ids
-
-
-def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
 
 
 def _cache_kwarg(model) -> str:
@@ -256,7 +250,7 @@ class _TorchDecoder:
 
     def __init__(self, model: PreTrainedModel, pad_id: int):
         self.model, self.pad_id = model, pad_id
-        self.device = _model_device(model)
+        self.device = input_device(model)
         self.cache_kw = _cache_kwarg(model)
         self.batch = _Batch(None, None, [])
 

@@ -40,6 +40,7 @@ from taskprune.data.core import MCItem
 from taskprune.data.multiple_choice import load_mc, select
 from taskprune.models.adapters import model_adapter
 from taskprune.models.batch import pad_batch
+from taskprune.models.load import input_device
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -74,15 +75,11 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
     return ctx, cont
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def _forward_logprobs(model, rows: list[list[int]], keep_last: list[int], pad_id: int,
                       padding_side: str) -> list[torch.Tensor]:
     """For each row (input ids), fp32 log-probs of its last `keep_last[i]` positions: (keep_last[i], vocab)."""
-    batch = pad_batch(rows, pad_id, padding_side).to(_model_device(model))
+    batch = pad_batch(rows, pad_id, padding_side).to(input_device(model))
     width = batch.input_ids.shape[1]
     # One past the last real position of each row, in padded coordinates.
     ends = [len(row) if padding_side == "right" else width for row in rows]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from taskprune.models.load import input_device
+
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -94,7 +96,7 @@ class WorkingSet:
 @torch.inference_mode()
 def decode_tokens_per_second(model, tokenizer, prompts: list[str], new_tokens: int = 64) -> float:
     """Batch-1 greedy decode speed (the paper's Table 5): new tokens / seconds over `prompts`, EOS ignored."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, seconds = 0, 0.0
     for text in prompts:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)

@@ -31,6 +31,7 @@ from taskprune.evaluate.sandbox import check_isolation, run_many
 from taskprune.evaluate.tasks import DEFAULT_TASK, GENERATE, MULTIPLE_CHOICE, SIMILARITY, Task, get_task
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
 from taskprune.models import LoadedModel, config_hash, weights_fingerprint
+from taskprune.models.load import input_device
 from taskprune.settings import EvalSettings
 
 
@@ -190,7 +191,7 @@ def _multiple_choice(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalS
     """Log-likelihood scoring of a multiple-choice task (cheap: rescored in full on every run, so only
     the model must match the earlier records)."""
     provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, {"task": task.name})
-    with WorkingSet(next(lm.model.parameters()).device) as ws:
+    with WorkingSet(input_device(lm.model)) as ws:
         result = evaluate_multiple_choice(lm, task.dataset, settings.limit_for(task.name), ctx.data_dir,
                                           settings.batch_size)
     write_records(out_dir / task.records_file, result["records"])
@@ -212,7 +213,7 @@ def _generated(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalSetting
     made_by = provenance.claim(out_dir, ctx.spec, ctx.identity, task.name,
                                task_settings(task, budget, settings, ctx.backend.name))
     generated_before = len(read_records(path))
-    with WorkingSet(next(lm.model.parameters()).device) as ws:
+    with WorkingSet(input_device(lm.model)) as ws:
         records = generate_records(lm, task, examples, path, budget, settings, made_by, progress, ctx.backend)
     rows = score_records(lm, task, examples, records, settings, ctx.references, ctx.similarity)
     write_records(path, rows)
@@ -286,7 +287,7 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
     require_backend(settings.backend)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = next(lm.model.parameters()).device
+    device = input_device(lm.model)
     identity = identity or model_identity(lm)
     spec = str(lm.source.get("spec"))
     summary = {"model": lm.source, "settings": asdict(settings), "tasks": {}}

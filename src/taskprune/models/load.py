@@ -116,12 +116,28 @@ def weights_fingerprint(model: torch.nn.Module, samples: int = 1024) -> str:
     scorer keeps other rows, a LoRA merge moves every value of the matrices it touches.
     """
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(_materialized_state(model).items()):
         flat = tensor.detach().reshape(-1)
         step = max(1, -(-flat.numel() // samples))  # ceil: the samples span the whole tensor
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _materialized_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` with the weights accelerate offloaded (meta tensors in the model) read from its
+    offload store instead, so a dispatched model has the same tensors, and fingerprint, as a loaded one."""
+    state = model.state_dict()
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        store = getattr(hook, "weights_map", None)
+        if store is None or not getattr(hook, "offload", False):
+            continue
+        for key in module.state_dict():
+            name = f"{prefix}.{key}" if prefix else key
+            if name in state and state[name].device.type == "meta":
+                state[name] = store[key]
+    return state
 
 
 def packaged_gguf_parts(name: str) -> list[Path]:
@@ -317,12 +333,63 @@ def _load_error(spec: str, source: dict, err: BaseException, damaged: bool = Tru
     return ModelLoadError(f"could not load {spec!r} from {source['path']}: {_first_line(err)}{fix}")
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`--max-memory` ("0=20GiB,1=20GiB,cpu=64GiB") as accelerate's mapping: GPU index or cpu -> size."""
+    if not text:
+        return None
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        where, sep, size = (s.strip() for s in item.partition("="))
+        if not sep or not size or not (where.isdigit() or where in ("cpu", "mps")):
+            raise ModelLoadError(f"--max-memory {text!r}: each item is DEVICE=SIZE with DEVICE a GPU index, cpu or "
+                                 f"mps and SIZE like 20GiB or 500MB (e.g. 0=20GiB,cpu=64GiB)")
+        limits[int(where) if where.isdigit() else where] = size if not size.isdigit() else int(size)
+    return limits
+
+
+def _dispatch_kwargs(device: str | None, max_memory: str | None, path: str, cache_dir: Path | None) -> dict:
+    """from_pretrained arguments for `--device auto`: accelerate spreads the layers over the GPUs, then the
+    CPU, then disk (a folder in the cache, one per checkpoint); none for a single device."""
+    if device != "auto":
+        if max_memory:
+            raise ModelLoadError(f"--max-memory {max_memory!r} needs --device auto (it limits what accelerate "
+                                 f"places on each device)")
+        return {}
+    folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "offload"
+    folder /= hashlib.sha256(str(Path(path).expanduser().resolve() if Path(path).exists() else path)
+                             .encode()).hexdigest()[:16]
+    return {"device_map": "auto", "max_memory": parse_max_memory(max_memory), "offload_folder": str(folder)}
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's input ids go to: the embedding's execution device when accelerate dispatched the
+    model (`--device auto`; its weights may be on another GPU, the CPU or disk), else its parameters' device."""
+    embeddings = model.get_input_embeddings()
+    for module in (embeddings, model):
+        hook = getattr(module, "_hf_hook", None)
+        execution = getattr(hook, "execution_device", None)
+        if execution is not None:
+            return torch.device(execution)
+    return embeddings.weight.device
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate placed the model (`--device auto`): its weights may live on several devices or disk."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
 def load_model(spec: str, dtype: str = "auto", device: str | None = None,
-               cache_dir: Path | None = None, revision: str | None = None) -> LoadedModel:
-    """Load model, tokenizer and MLP adapter from any supported spec (see module docstring)."""
+               cache_dir: Path | None = None, revision: str | None = None,
+               max_memory: str | None = None) -> LoadedModel:
+    """Load model, tokenizer and MLP adapter from any supported spec (see module docstring).
+
+    `device` "auto" dispatches the model with accelerate (`device_map="auto"`, limited per device by
+    `max_memory`): the layers fill the GPUs, then the CPU, then the rest is offloaded to disk.
+    """
     from safetensors import SafetensorError
 
     path, source = resolve_model_path(spec, cache_dir)
+    dispatch = _dispatch_kwargs(device, max_memory, path, cache_dir)
     kwargs = {"revision": revision} if revision and source["kind"] == "hub" else {}
     if source["kind"] == "hub" and hub_offline():
         kwargs["local_files_only"] = True
@@ -332,7 +399,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None,
         raise _load_error(spec, source, err, damaged=isinstance(err, OSError)) from None
     adapter = get_adapter(config.model_type)  # fail before loading any weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), **dispatch, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise _load_error(spec, source, err) from None
@@ -343,8 +410,9 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None,
                              f"gives (edited config?); copy or save the checkpoint again") from None
     if source["kind"] == "hub":
         source["revision"] = revision or getattr(model.config, "_commit_hash", None)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    if not dispatch:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=source)
