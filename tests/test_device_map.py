@@ -1,7 +1,6 @@
 """`--device auto`: a model accelerate spreads over devices and disk (`device_map="auto"`) captures, fingerprints
 and evaluates exactly like the same model loaded on one device; what cannot work on it is refused in one line."""
 
-
 import pytest
 import torch
 
@@ -51,7 +50,8 @@ def test_evaluation_records_equal_the_single_device_ones(both, data_dir, tmp_pat
         evaluate(lm, ["gsm8k"], tmp_path / name, settings, progress=False, data_dir=str(data_dir))
     a, b = (read_records(tmp_path / name / "gsm8k.jsonl") for name in ("plain", "spread"))
     assert len(a) == 3 and {k: r["output"] for k, r in a.items()} == {k: r["output"] for k, r in b.items()}
-    assert [r["new_tokens"] for r in a.values()] == [r["new_tokens"] for r in b.values()] and a[next(iter(a))]["new_tokens"] > 0
+    tokens = [r["new_tokens"] for r in a.values()]
+    assert tokens == [r["new_tokens"] for r in b.values()] and max(tokens) > 0
 
 
 def test_a_dispatched_model_is_not_pruned_in_memory(both):

@@ -30,8 +30,7 @@ from taskprune.evaluate.resources import WorkingSet, checkpoint_bytes, parameter
 from taskprune.evaluate.sandbox import check_isolation, run_many
 from taskprune.evaluate.tasks import DEFAULT_TASK, GENERATE, MULTIPLE_CHOICE, SIMILARITY, Task, get_task
 from taskprune.evaluate.traps import classify_trap, prefix_before_loop, repetition_loop
-from taskprune.models import LoadedModel, config_hash, weights_fingerprint
-from taskprune.models.load import input_device
+from taskprune.models import LoadedModel, config_hash, input_device, weights_fingerprint
 from taskprune.settings import EvalSettings
 
 

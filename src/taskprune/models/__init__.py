@@ -17,6 +17,7 @@ from taskprune.models.load import (
     LoadedModel,
     ModelLoadError,
     config_hash,
+    input_device,
     load_model,
     resolve_dtype,
     weights_fingerprint,
@@ -26,6 +27,6 @@ __all__ = [
     "ADAPTERS", "DEFAULT_LORA_TARGETS", "MLPAdapter", "TargetModuleError", "UnsupportedArchitectureError",
     "decoder_layers", "down_proj_hooks", "get_adapter", "model_adapter",
     "IGNORE_INDEX", "PaddedBatch", "pad_batch",
-    "PACKAGED", "LoadedModel", "ModelLoadError", "config_hash", "load_model", "resolve_dtype",
+    "PACKAGED", "LoadedModel", "ModelLoadError", "config_hash", "input_device", "load_model", "resolve_dtype",
     "weights_fingerprint",
 ]

@@ -333,21 +333,21 @@ def _load_error(spec: str, source: dict, err: BaseException, damaged: bool = Tru
     return ModelLoadError(f"could not load {spec!r} from {source['path']}: {_first_line(err)}{fix}")
 
 
-def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
     """`--max-memory` ("0=20GiB,1=20GiB,cpu=64GiB") as accelerate's mapping: GPU index or cpu -> size."""
     if not text:
         return None
-    limits: dict[int | str, str] = {}
+    limits: dict[int | str, int | str] = {}
     for item in text.split(","):
         where, sep, size = (s.strip() for s in item.partition("="))
         if not sep or not size or not (where.isdigit() or where in ("cpu", "mps")):
             raise ModelLoadError(f"--max-memory {text!r}: each item is DEVICE=SIZE with DEVICE a GPU index, cpu or "
                                  f"mps and SIZE like 20GiB or 500MB (e.g. 0=20GiB,cpu=64GiB)")
-        limits[int(where) if where.isdigit() else where] = size if not size.isdigit() else int(size)
+        limits[int(where) if where.isdigit() else where] = int(size) if size.isdigit() else size
     return limits
 
 
-def _dispatch_kwargs(device: str | None, max_memory: str | None, path: str, cache_dir: Path | None) -> dict:
+def _dispatch_kwargs(device: str | None, max_memory: str | None, source: dict, cache_dir: Path | None) -> dict:
     """from_pretrained arguments for `--device auto`: accelerate spreads the layers over the GPUs, then the
     CPU, then disk (a folder in the cache, one per checkpoint); none for a single device."""
     if device != "auto":
@@ -356,8 +356,7 @@ def _dispatch_kwargs(device: str | None, max_memory: str | None, path: str, cach
                                  f"places on each device)")
         return {}
     folder = (Path(cache_dir) if cache_dir else default_cache_dir()) / "offload"
-    folder /= hashlib.sha256(str(Path(path).expanduser().resolve() if Path(path).exists() else path)
-                             .encode()).hexdigest()[:16]
+    folder /= hashlib.sha256(source["path"].encode()).hexdigest()[:16]
     return {"device_map": "auto", "max_memory": parse_max_memory(max_memory), "offload_folder": str(folder)}
 
 
@@ -389,7 +388,7 @@ def load_model(spec: str, dtype: str = "auto", device: str | None = None,
     from safetensors import SafetensorError
 
     path, source = resolve_model_path(spec, cache_dir)
-    dispatch = _dispatch_kwargs(device, max_memory, path, cache_dir)
+    dispatch = _dispatch_kwargs(device, max_memory, source, cache_dir)
     kwargs = {"revision": revision} if revision and source["kind"] == "hub" else {}
     if source["kind"] == "hub" and hub_offline():
         kwargs["local_files_only"] = True
