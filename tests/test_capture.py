@@ -1,13 +1,15 @@
 """Capture statistics: exact against a hand computation, invariant to batching and padding side."""
 
+import json
+
 import pytest
 import torch
 
 from taskprune.capture import capture
 from taskprune.models import get_adapter
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
-from taskprune.profile import Profile, load_profile, save_profile
-from taskprune.scoring import score
+from taskprune.profile import Profile, ProfileError, load_profile, save_profile
+from taskprune.scoring import NEEDS_TOKEN_STATS, score
 
 TEXTS = ["Janet has 3 apples and buys 5 more.", "def add(a, b):\n    return a + b", "Hi!",
          "The quick brown fox jumps over the lazy dog. " * 4, "What is 12 * 7?", "ok", "Paris is in France.",
@@ -50,8 +52,9 @@ def test_matches_hand_computation(setup):
 @pytest.mark.parametrize("batch_size,side", [(1, "right"), (3, "left"), (8, "right"), (8, "left"), (16, "left")])
 def test_invariant_to_batch_size_and_padding_side(setup, batch_size, side):
     model, tok, adapter = setup
-    base = capture(model, tok, TEXTS, adapter, batch_size=2, padding_side="right", progress=False)
-    other = capture(model, tok, TEXTS, adapter, batch_size=batch_size, padding_side=side, progress=False)
+    base = capture(model, tok, TEXTS, adapter, batch_size=2, padding_side="right", token_stats=True, progress=False)
+    other = capture(model, tok, TEXTS, adapter, batch_size=batch_size, padding_side=side, token_stats=True,
+                    progress=False)
     for key in ("sum", "sumsq", "tok_sum", "tok_sumsq"):
         torch.testing.assert_close(getattr(other, key), getattr(base, key), rtol=1e-5, atol=1e-6)
     assert other.tokens == base.tokens and other.n == base.n
@@ -66,8 +69,8 @@ def test_truncation_is_counted(setup):
 
 def test_statistics_memory_does_not_grow_with_prompts(setup):
     model, tok, adapter = setup
-    small = capture(model, tok, TEXTS[:2], adapter, progress=False)
-    large = capture(model, tok, TEXTS * 5, adapter, progress=False)
+    small = capture(model, tok, TEXTS[:2], adapter, token_stats=True, progress=False)
+    large = capture(model, tok, TEXTS * 5, adapter, token_stats=True, progress=False)
     sizes = lambda s: [t.numel() for t in (s.sum, s.sumsq, s.tok_sum, s.tok_sumsq)]  # noqa: E731
     assert sizes(small) == sizes(large) and large.per_prompt is None
 
@@ -98,3 +101,73 @@ def test_bf16_capture_close_to_fp32(setup):
     bf16 = capture(tiny_model("qwen2", dtype=torch.bfloat16), tok, TEXTS, adapter, progress=False)
     rel = ((bf16.sum - fp32.sum).abs() / fp32.sum.abs().clamp(min=1e-3)).median()
     assert rel < 0.02  # the model's own bf16 rounding dominates; statistics add little
+
+
+def test_token_statistics_are_opt_in(setup):
+    model, tok, adapter = setup
+    lean = capture(model, tok, TEXTS, adapter, batch_size=4, progress=False)
+    full = capture(model, tok, TEXTS, adapter, batch_size=4, token_stats=True, progress=False)
+    assert not lean.has_token_stats and lean.tok_sum is None and lean.tok_sumsq is None
+    assert full.has_token_stats and full.tok_sumsq.abs().sum() > 0
+    for key in ("sum", "sumsq"):  # the prompt-level statistics do not depend on the option
+        torch.testing.assert_close(getattr(lean, key), getattr(full, key), rtol=1e-6, atol=1e-9)
+    assert (lean.n, lean.tokens) == (full.n, full.tokens)
+    assert not lean.merged(full).has_token_stats and full.merged(full).has_token_stats
+    torch.testing.assert_close(full.merged(full).tok_sum, 2 * full.tok_sum)
+
+
+def _profile(stats: dict, capture_meta: dict | None = None) -> Profile:
+    meta = {"model": {"num_layers": 2, "d_ff": 256, "config_hash": "x", "spec": "tiny"},
+            "sets": [{"name": n, "role": "target" if i == 0 else "distractor"} for i, n in enumerate(stats)],
+            "capture": capture_meta or {}}
+    return Profile(meta, stats)
+
+
+def test_profile_records_which_statistics_it_holds(setup, tmp_path):
+    from safetensors.torch import load_file
+    model, tok, adapter = setup
+    lean = {n: capture(model, tok, TEXTS[i::2], adapter, progress=False) for i, n in enumerate(("t", "d"))}
+    save_profile(_profile(lean), tmp_path / "lean")
+    assert sorted(load_file(tmp_path / "lean" / "stats.safetensors")) == ["d/sum", "d/sumsq", "t/sum", "t/sumsq"]
+    loaded = load_profile(tmp_path / "lean")
+    assert loaded.meta["capture"]["token_stats"] is False and not loaded.stats["t"].has_token_stats
+    torch.testing.assert_close(score("selectivity", loaded), score("selectivity", _profile(lean)))
+
+    full = {n: capture(model, tok, TEXTS[i::2], adapter, token_stats=True, progress=False)
+            for i, n in enumerate(("t", "d"))}
+    save_profile(_profile(full), tmp_path / "full")
+    again = load_profile(tmp_path / "full")
+    assert again.meta["capture"]["token_stats"] is True
+    torch.testing.assert_close(again.stats["d"].tok_sumsq, full["d"].tok_sumsq)
+
+    # A profile written before token statistics were optional says nothing and has them all.
+    meta_file = tmp_path / "full" / "profile.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["capture"]["token_stats"]
+    meta_file.write_text(json.dumps(meta))
+    assert load_profile(tmp_path / "full").stats["t"].has_token_stats
+    # ... but one that says it has them must have them.
+    meta_file = tmp_path / "lean" / "profile.json"
+    meta = json.loads(meta_file.read_text())
+    meta["capture"]["token_stats"] = True
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ProfileError, match="t/tok_sum is missing"):
+        load_profile(tmp_path / "lean")
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS_TOKEN_STATS))
+def test_a_scorer_that_needs_token_statistics_says_how_to_get_them(setup, name):
+    model, tok, adapter = setup
+    lean = _profile({n: capture(model, tok, TEXTS[i::2], adapter, progress=False) for i, n in enumerate(("t", "d"))})
+    with pytest.raises(ProfileError, match=f"scorer '{name}' reads token-level statistics.*--token-stats"):
+        score(name, lean, model=model, adapter=adapter)
+
+
+def test_token_statistics_are_captured_when_a_scorer_needs_them():
+    from taskprune.pipeline import settings_for
+    from taskprune.settings import CaptureSettings
+    assert NEEDS_TOKEN_STATS == {"wanda-sp", "flap", "taskaware", "specific-importance"}
+    assert not settings_for(CaptureSettings(), ["selectivity", "activation", "magnitude"]).token_stats
+    assert settings_for(CaptureSettings(), ["selectivity", "flap"]).token_stats
+    assert settings_for(CaptureSettings(token_stats=True), ["selectivity"]).token_stats
+    assert settings_for(CaptureSettings(), ["taylor", "ig"]).gradients == ("ig", "taylor")

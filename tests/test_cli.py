@@ -39,7 +39,17 @@ def test_capture_score_prune_info(tiny_dir, tmp_path, capsys):
     assert code == 0 and "positive(S>0)" in out and (tmp_path / "s.safetensors").is_file()
     code, _, err = run(["score", "--profile", profile, "--scorer", "wanda-sp"], capsys)
     assert code == 2 and "--model" in err
-    code, out, err = run(["score", "--profile", profile, "--scorer", "wanda-sp", "--model", tiny_dir,
+    code, _, err = run(["score", "--profile", profile, "--scorer", "wanda-sp", "--model", tiny_dir,
+                        "--dtype", "float32"], capsys)
+    last = err.strip().splitlines()[-1]  # after the model's loading bar
+    assert code == 2 and last.startswith("taskprune score: error: scorer 'wanda-sp' reads token-level") \
+        and "--token-stats" in last
+    token_profile = tmp_path / "token-profile"
+    code, out, err = run(["capture", "--model", tiny_dir, "--target", "gsm8k", "--distractor", "squad,chitchat",
+                          "--n", 6, "--max-length", 64, "--dtype", "float32", "--token-stats", "--out",
+                          token_profile], capsys)
+    assert code == 0, err
+    code, out, err = run(["score", "--profile", token_profile, "--scorer", "wanda-sp", "--model", tiny_dir,
                           "--dtype", "float32"], capsys)
     assert code == 0, err
     out_dir = tmp_path / "pruned"
@@ -63,7 +73,9 @@ def test_capture_score_prune_info(tiny_dir, tmp_path, capsys):
                         "--stream", "--out", tmp_path / "x"], capsys)
     assert code == 2 and "reads the model's weights" in err
     code, out, _ = run(["info", profile], capsys)
-    assert code == 0 and "target     gsm8k: 6 prompts" in out
+    assert code == 0 and "target     gsm8k: 6 prompts" in out and "token statistics no" in out
+    code, out, _ = run(["info", token_profile], capsys)
+    assert code == 0 and "token statistics yes" in out
 
 
 def test_one_shot_prune_reuses_capture(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -77,6 +89,8 @@ def test_one_shot_prune_reuses_capture(tiny_dir, tmp_path, capsys, monkeypatch):
     a = json.loads((tmp_path / "a" / "pruning.json").read_text())["plan"]["keep"]
     b = json.loads((tmp_path / "b" / "pruning.json").read_text())["plan"]["keep"]
     assert a != b and len(a[0]) == len(b[0]) == 192
+    code, out, err = run(args + ["--scorer", "flap", "--out", tmp_path / "c"], capsys)  # captures its token sums
+    assert code == 0 and "reusing cached profile" not in out, err
 
 
 def test_random_needs_no_profile(tiny_dir, tmp_path, capsys):

@@ -35,8 +35,9 @@ def test_the_layers_are_offloaded_and_the_weights_are_the_same(both):
 
 def test_capture_hooks_every_down_proj_wherever_it_lives(both):
     plain, spread = both
-    a = capture(plain.model, plain.tokenizer, TEXTS, plain.adapter, batch_size=2, progress=False)
-    b = capture(spread.model, spread.tokenizer, TEXTS, spread.adapter, batch_size=2, progress=False)
+    a = capture(plain.model, plain.tokenizer, TEXTS, plain.adapter, batch_size=2, token_stats=True, progress=False)
+    b = capture(spread.model, spread.tokenizer, TEXTS, spread.adapter, batch_size=2, token_stats=True,
+                progress=False)
     assert (a.n, a.tokens) == (b.n, b.tokens) == (4, a.tokens) and a.tokens > 0
     for name in ("sum", "sumsq", "tok_sum", "tok_sumsq"):
         x, y = getattr(a, name), getattr(b, name)

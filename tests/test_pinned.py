@@ -60,7 +60,7 @@ ARCHS = sorted(PINNED)
 def _setup(arch: str):
     """A fresh seeded tiny model (fp32), its tokenizer and adapter, and a profile captured on SETS."""
     model, tok, adapter = tiny_model(arch, d_ff=D_FF, seed=0), byte_tokenizer(), get_adapter(arch)
-    stats = {name: capture(model, tok, texts, adapter, batch_size=2, progress=False) for name, texts in SETS.items()}
+    stats = {name: capture(model, tok, texts, adapter, batch_size=2, token_stats=True, progress=False) for name, texts in SETS.items()}
     meta = {"model": {"num_layers": 2, "d_ff": D_FF, "config_hash": "x", "spec": f"tiny-{arch}"},
             "sets": [{"name": "math", "role": "target"}, {"name": "code", "role": "distractor"},
                      {"name": "chat", "role": "distractor"}], "capture": {}}

@@ -11,7 +11,7 @@ from taskprune.models import get_adapter
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
 from taskprune.plan import make_plan
 from taskprune.profile import Profile, ProfileError
-from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, SCORERS, score, scorer_help
+from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, NEEDS_TOKEN_STATS, SCORERS, score, scorer_help
 
 TARGET = ["Janet has 3 apples and buys 5 more.", "What is 12 * 7?", "A train goes 60 km in 1.5 hours."]
 D1 = ["def add(a, b):\n    return a + b", "for i in range(10): print(i)"]
@@ -22,7 +22,7 @@ D_FF, LAYERS = 64, 2
 @pytest.fixture(scope="module")
 def setup():
     model, tok, adapter = tiny_model("qwen2", d_ff=D_FF), byte_tokenizer(), get_adapter("qwen2")
-    stats = {name: capture(model, tok, texts, adapter, batch_size=2, progress=False)
+    stats = {name: capture(model, tok, texts, adapter, batch_size=2, token_stats=True, progress=False)
              for name, texts in (("t", TARGET), ("d1", D1), ("d2", D2))}
     meta = {"model": {"num_layers": LAYERS, "d_ff": D_FF, "config_hash": "x", "spec": "tiny"},
             "sets": [{"name": "t", "role": "target"}, {"name": "d1", "role": "distractor"},
@@ -212,4 +212,5 @@ def test_help_lists_every_scorer():
         assert spec.help in line
         assert ("[needs the model" in line) == (name in NEEDS_MODEL)
         assert (f"needs --gradients {NEEDS_GRADIENTS.get(name)}" in line) == (name in NEEDS_GRADIENTS)
-    assert lines[-2].endswith("[needs the model; options: distractors, gamma, tau]")
+        assert ("--token-stats" in line) == (name in NEEDS_TOKEN_STATS)
+    assert lines[-2].endswith("[needs the model and --token-stats; options: distractors, gamma, tau]")

@@ -42,7 +42,8 @@ def _profile_lines(path: Path) -> list[str]:
              f"  model {m.get('spec')} ({m.get('model_type')}, revision {m.get('revision')}, config hash "
              f"{m['config_hash']}), {m['num_layers']} layers x d_ff {m['d_ff']}",
              f"  capture: template {c.get('template')}, content {c.get('content')}, max length "
-             f"{c.get('max_length')}, dtype {c.get('dtype')}, seed {c.get('seed')}"]
+             f"{c.get('max_length')}, dtype {c.get('dtype')}, seed {c.get('seed')}, token statistics "
+             f"{'yes' if profile.stats[profile.target].has_token_stats else 'no'}"]
     for s in profile.meta["sets"]:
         st = profile.stats[s["name"]]
         lines.append(f"  {s['role']:10s} {s['name']}: {st.n} prompts of {s.get('available')}, {st.tokens} tokens, "

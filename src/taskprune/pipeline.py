@@ -20,9 +20,16 @@ from taskprune.models import LoadedModel, config_hash
 from taskprune.models.load import default_cache_dir
 from taskprune.plan import Plan, make_plan, pruned_count
 from taskprune.profile import Profile, load_profile, profile_hash, save_profile
-from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, score
+from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, NEEDS_TOKEN_STATS, score
 from taskprune.settings import CaptureSettings, DataSets, PruneSettings
 from taskprune.surgery import parameter_count, prune_checkpoint, prune_model, save_pruned
+
+
+def settings_for(settings: CaptureSettings, scorers) -> CaptureSettings:
+    """`settings` plus whatever `scorers` read that they do not ask for: gradient passes, token statistics."""
+    needed = {NEEDS_GRADIENTS[s] for s in scorers if s in NEEDS_GRADIENTS}
+    return replace(settings, gradients=tuple(sorted(needed | set(settings.gradients))),
+                   token_stats=settings.token_stats or any(s in NEEDS_TOKEN_STATS for s in scorers))
 
 
 def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings = CaptureSettings(),
@@ -46,7 +53,7 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         texts = [format_text(lm.tokenizer, ex, settings.template, settings.content) for ex in chosen]
         s = capture(lm.model, lm.tokenizer, texts, lm.adapter, max_length=settings.max_length,
                     batch_size=settings.batch_size, keep_per_prompt=settings.keep_per_prompt,
-                    progress=progress, desc=f"capture {role} {spec}")
+                    token_stats=settings.token_stats, progress=progress, desc=f"capture {role} {spec}")
         if role == "target" and settings.gradients:
             lengths = None
             if settings.ig_positions == "answer" and "ig" in settings.gradients:
@@ -76,7 +83,8 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         "capture": {"n": settings.n, "seed": settings.seed, "max_length": settings.max_length,
                     "template": settings.template, "content": settings.content,
                     "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                    "statistic": "prompt-level mean of |h| over valid tokens; token sums of h and h^2",
+                    "statistic": "prompt-level mean of |h| over valid tokens"
+                                 + ("; token sums of h and h^2" if settings.token_stats else ""),
                     **({"gradients": grad_meta} if grad_meta else {})},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "taskprune_version": __version__,
@@ -156,9 +164,8 @@ def prune_to_disk(lm: LoadedModel, settings: PruneSettings, scorer: str, out: Pa
         profile = load_profile(profile_path)
         profile.check_model(config_hash(lm.model.config), where=str(profile_path))
     elif sets is not None and sets.target:
-        needed = {NEEDS_GRADIENTS[scorer]} if scorer in NEEDS_GRADIENTS else set()
-        capture = replace(capture, gradients=tuple(sorted(needed | set(capture.gradients))))
-        profile, profile_path = cached_profile(lm, sets.target, list(sets.distractors), capture, cache_dir, data_dir)
+        profile, profile_path = cached_profile(lm, sets.target, list(sets.distractors), settings_for(capture, [scorer]),
+                                               cache_dir, data_dir)
     plan, _ = plan_from_profile(profile, scorer, settings.strategy, settings.ratio, settings.align, settings.seed,
                                 model=lm.model, adapter=lm.adapter, shape=(len(lm.adapter.mlps(lm.model)), d_ff))
     return plan, prune_and_save(lm, plan, out, scorer, profile, profile_path, overwrite)

@@ -4,7 +4,9 @@ A profile holds one `SetStats` per data set and the metadata needed to trust it 
 revision and config hash, each set's role, size and sampling, the maximum length, the prompt
 template and the format version. Optional per-set statistics (`SetStats.extra`, e.g. the gradient
 pass's sums) are stored as `"{set}/extra/{key}"` in `stats.safetensors`; format 1 readers skip them
-and profiles without them load with an empty `extra`.
+and profiles without them load with an empty `extra`. The token sums `tok_sum` and `tok_sumsq` are
+there when `profile.json` says `capture.token_stats` is true, or does not say (profiles written
+before it was optional always have them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from taskprune.atomic import atomic_dir
 from taskprune.capture import SetStats
 
 FORMAT_VERSION = 1
-_TENSORS = ("sum", "sumsq", "tok_sum", "tok_sumsq")
+_TENSORS = ("sum", "sumsq")  # always there
+_TOKEN_TENSORS = ("tok_sum", "tok_sumsq")  # there when the profile has token statistics
 _EXTRA = "extra"  # optional per-set statistics are stored as "{set}/extra/{key}" (format 1 readers skip them)
 
 
@@ -72,10 +75,11 @@ def profile_hash(path: Path) -> str:
 
 def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
     """Write atomically: a temporary sibling directory renamed into place."""
+    token_stats = all(s.has_token_stats for s in profile.stats.values())  # kept only where every set has them
     with atomic_dir(path, overwrite, kind="profile") as tmp:
         tensors, per_prompt = {}, {}
         for name, s in profile.stats.items():
-            for key in _TENSORS:
+            for key in _TENSORS + (_TOKEN_TENSORS if token_stats else ()):
                 tensors[f"{name}/{key}"] = getattr(s, key).contiguous()
             for key, value in s.extra.items():
                 tensors[f"{name}/{_EXTRA}/{key}"] = value.contiguous()
@@ -85,6 +89,7 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
         if per_prompt:
             save_file(per_prompt, tmp / "per_prompt.safetensors")
         meta = dict(profile.meta, format_version=FORMAT_VERSION,
+                    capture={**profile.meta.get("capture", {}), "token_stats": token_stats},
                     counts={n: {"n": s.n, "tokens": s.tokens, "truncated": s.truncated}
                             for n, s in profile.stats.items()})
         (tmp / "profile.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -112,7 +117,8 @@ def _check_meta(meta, meta_file: Path) -> None:
         if need(model, key, int, "model.") < 1:
             raise ProfileError(f"{meta_file}: model.{key} must be positive; {again}")
     need(model, "config_hash", str, "model.")
-    need(meta, "capture", dict, "")
+    if not isinstance(need(meta, "capture", dict, "").get("token_stats", True), bool):
+        raise ProfileError(f"{meta_file}: capture.token_stats must be true or false; {again}")
     sets = need(meta, "sets", list, "")
     counts = need(meta, "counts", dict, "")
     for i, entry in enumerate(sets):
@@ -153,9 +159,10 @@ def load_profile(path: Path) -> Profile:
     tensors = _read_tensors(path / "stats.safetensors")
     per_prompt = _read_tensors(path / "per_prompt.safetensors") if (path / "per_prompt.safetensors").is_file() else {}
     shape = (meta["model"]["num_layers"], meta["model"]["d_ff"])
+    keys = _TENSORS + (_TOKEN_TENSORS if meta["capture"].get("token_stats", True) else ())
     stats = {}
     for name, c in meta["counts"].items():
-        for k in _TENSORS:
+        for k in keys:
             t = tensors.get(f"{name}/{k}")
             if t is None or tuple(t.shape) != shape:
                 found = "missing" if t is None else f"of shape {tuple(t.shape)}"
@@ -168,5 +175,6 @@ def load_profile(path: Path) -> Profile:
         extra = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         stats[name] = SetStats(n=c["n"], tokens=c["tokens"], truncated=c["truncated"],
                                per_prompt=per_prompt.get(name), extra=extra,
-                               **{k: tensors[f"{name}/{k}"] for k in _TENSORS})
+                               **{k: tensors[f"{name}/{k}"] if k in keys else None
+                                  for k in _TENSORS + _TOKEN_TENSORS})
     return Profile(meta=meta, stats=stats)

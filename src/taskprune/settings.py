@@ -58,6 +58,9 @@ class CaptureSettings:
     batch_size: int = option(8, min=1, help="capture batch size")
     keep_per_prompt: bool = option(False, help="also store the [prompts x layers x d_ff] matrix of prompt means "
                                                "(large)")
+    token_stats: bool = option(False, help="also keep token sums of h and h^2, which wanda-sp, flap, taskaware and "
+                                           "specific-importance read (default off; a prune or study adds them when "
+                                           "its scorers need them)")
     # The gradient pass on the target set (taskprune.gradients), for the taylor, taylor-abs and ig scorers.
     gradients: tuple[Gradient, ...] = option((), help="gradient passes to run: taylor, ig (default none; a prune or "
                                                       "study adds what its scorers need)")

@@ -32,7 +32,7 @@ from taskprune.executors import Executor, LocalExecutor
 from taskprune.models import LoadedModel, config_hash, load_model
 from taskprune.models.load import model_d_ff
 from taskprune.options import settings_hash
-from taskprune.pipeline import capture_profile, plan_from_profile
+from taskprune.pipeline import capture_profile, plan_from_profile, settings_for
 from taskprune.evaluate.backends import require_backend
 from taskprune.settings import EvalSettings
 from taskprune.profile import load_profile, save_profile
@@ -243,10 +243,7 @@ class Variants:
             print(msg, flush=True)
 
     def profile(self, lm: LoadedModel):
-        from taskprune.scoring import NEEDS_GRADIENTS
-        c = self.cfg.capture
-        needed = {NEEDS_GRADIENTS[s] for s in self.cfg.scorers if s in NEEDS_GRADIENTS}
-        settings = replace(c, gradients=tuple(sorted(needed | set(c.gradients))))
+        settings = settings_for(self.cfg.capture, self.cfg.scorers)
         path = self.dir / "profile"
         if (path / "profile.json").is_file():
             profile = load_profile(path)

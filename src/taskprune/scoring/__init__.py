@@ -2,7 +2,8 @@
 
 A score tensor is float64 `[layers, d_ff]`; a low score means "prune first" for the `selective`
 strategy (and last for `reverse`). Plan and surgery never look behind the name. Each scorer is one
-`ScorerSpec` record in `SCORERS`; `NEEDS_MODEL`, `NEEDS_GRADIENTS` and `scorer_help()` are read from them.
+`ScorerSpec` record in `SCORERS`; `NEEDS_MODEL`, `NEEDS_GRADIENTS`, `NEEDS_TOKEN_STATS` and
+`scorer_help()` are read from them.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ SCORERS: dict[str, ScorerSpec] = {
         magnitude, "||W_gate[j]|| * ||W_up[j]|| * ||W_down[:, j]||, data-free weight magnitude", needs_model=True),
     "wanda-sp": ScorerSpec(
         wanda_sp, "||W_down[:, j]||_1 * ||h_j||_2 over the target tokens (Wanda-SP, the FLAP paper's baseline)",
-        needs_model=True),
+        needs_model=True, token_stats=True),
     "flap": ScorerSpec(
         flap, "Var_t(h_j) * ||W_down[:, j]||_2^2 over the target tokens (FLAP's fluctuation metric)",
-        needs_model=True),
+        needs_model=True, token_stats=True),
     "taylor": ScorerSpec(
         taylor, "|sum_t h_j dL/dh_j| / tokens on the target: first-order loss change (LLM-Pruner)",
         gradients="taylor"),
@@ -41,10 +42,10 @@ SCORERS: dict[str, ScorerSpec] = {
             "arXiv 2507.09185, which prunes the highest: --strategy reverse)", gradients="ig"),
     "taskaware": ScorerSpec(
         taskaware, "target and general Wanda importances fused over shared and exclusive neurons "
-                   "(a reading of arXiv 2510.22489)", needs_model=True),
+                   "(a reading of arXiv 2510.22489)", needs_model=True, token_stats=True),
     "specific-importance": ScorerSpec(
         specific_importance, "t - lam * relu(d - t) of layer-normalised target and distractor Wanda "
-                             "importances (ours)", needs_model=True),
+                             "importances (ours)", needs_model=True, token_stats=True),
 }
 
 # The scorer used when none is named (CLI --scorer, a study config without `scorers`), chosen on
@@ -55,6 +56,8 @@ DEFAULT_SCORER = "selectivity"
 NEEDS_MODEL = frozenset(name for name, spec in SCORERS.items() if spec.needs_model)
 # Scorers that read the gradient pass's statistics, by the --gradients kind they need.
 NEEDS_GRADIENTS = {name: spec.gradients for name, spec in SCORERS.items() if spec.gradients is not None}
+# Scorers that read the token sums of h and h^2 (captured with --token-stats).
+NEEDS_TOKEN_STATS = frozenset(name for name, spec in SCORERS.items() if spec.token_stats)
 
 
 def _spec(name: str) -> ScorerSpec:
@@ -91,6 +94,6 @@ def scorer_help() -> str:
                      for name, spec in SCORERS.items())
 
 
-__all__ = ["SCORERS", "DEFAULT_SCORER", "NEEDS_MODEL", "NEEDS_GRADIENTS", "Scorer", "ScorerSpec", "score",
+__all__ = ["SCORERS", "DEFAULT_SCORER", "NEEDS_MODEL", "NEEDS_GRADIENTS", "NEEDS_TOKEN_STATS", "Scorer", "ScorerSpec", "score",
            "scorer_help", "selectivity", "activation", "magnitude", "wanda_sp", "flap", "taylor", "taylor_abs",
            "ig", "taskaware", "specific_importance"]

@@ -59,21 +59,32 @@ def distractor_stats(name: str, profile: Profile, distractors: list[str] | None 
     return pooled([profile.stats[n] for n in names])
 
 
-def token_l2(s: SetStats) -> torch.Tensor:
+def _token_sums(name: str, s: SetStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set's token sums of h and h^2, or an error saying how to capture them."""
+    if not s.has_token_stats:
+        raise ProfileError(
+            f"scorer {name!r} reads token-level statistics (token sums of h and h^2), which this profile "
+            f"lacks: capture with --token-stats (CaptureSettings(token_stats=True) in Python); taskprune prune "
+            f"and taskprune run add them when their scorer needs them")
+    return s.tok_sum, s.tok_sumsq
+
+
+def token_l2(name: str, s: SetStats) -> torch.Tensor:
     """`||h_j||_2` over every token of the set: `sqrt(sum_t h^2)`."""
-    return s.tok_sumsq.clamp(min=0).sqrt()
+    return _token_sums(name, s)[1].clamp(min=0).sqrt()
 
 
-def token_rms(s: SetStats) -> torch.Tensor:
+def token_rms(name: str, s: SetStats) -> torch.Tensor:
     """Per-token root mean square `sqrt(sum_t h^2 / tokens)`, comparable between sets of different sizes."""
-    return (s.tok_sumsq.clamp(min=0) / s.tokens).sqrt()
+    return (_token_sums(name, s)[1].clamp(min=0) / s.tokens).sqrt()
 
 
 def token_var(name: str, s: SetStats) -> torch.Tensor:
     """Sample variance (N - 1) over tokens of h, from the token sums."""
+    tok_sum, tok_sumsq = _token_sums(name, s)
     if s.tokens < 2:
         raise ValueError(f"scorer {name!r} needs at least two target tokens")
-    return ((s.tok_sumsq - s.tok_sum.square() / s.tokens) / (s.tokens - 1)).clamp(min=0)
+    return ((tok_sumsq - tok_sum.square() / s.tokens) / (s.tokens - 1)).clamp(min=0)
 
 
 def extra(name: str, profile: Profile, key: str, kind: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ class ScorerSpec:
     help: str  # one line: what it measures and where it comes from
     needs_model: bool = False  # reads the model's weights (model=, adapter=)
     gradients: str | None = None  # the --gradients kind whose statistics it reads
+    token_stats: bool = False  # reads the token sums of h and h^2 (--token-stats)
 
     @property
     def options(self) -> frozenset[str]:
@@ -29,12 +30,12 @@ class ScorerSpec:
         return frozenset(inspect.signature(self.fn).parameters) - {"profile"} - MODEL_OPTIONS
 
     def needs(self) -> str:
-        """What it reads besides a profile, and its options, in words: `needs the model; options: distractors, lam`."""
-        parts = []
-        if self.needs_model:
-            parts.append("needs the model")
-        if self.gradients is not None:
-            parts.append(f"needs --gradients {self.gradients}")
+        """What it reads besides a profile, and its options, in words:
+        `needs the model and --token-stats; options: distractors, lam`."""
+        inputs = (["the model"] if self.needs_model else []) + \
+                 ([f"--gradients {self.gradients}"] if self.gradients is not None else []) + \
+                 (["--token-stats"] if self.token_stats else [])
+        parts = [f"needs {' and '.join(inputs)}"] if inputs else []
         if self.options:
             parts.append(f"options: {', '.join(sorted(self.options))}")
         return "; ".join(parts)

@@ -19,8 +19,8 @@ EPS = 1e-12
 def _importances(name, profile, model, adapter, distractors):
     rows = require_model(name, profile, model, adapter)
     w = row_norms(rows, "down")
-    n_task = token_rms(target_stats(profile))
-    n_gen = token_rms(distractor_stats(name, profile, distractors))
+    n_task = token_rms(name, target_stats(profile))
+    n_gen = token_rms(name, distractor_stats(name, profile, distractors))
     return w * n_task, w * n_gen, n_task, n_gen
 
 

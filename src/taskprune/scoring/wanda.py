@@ -11,7 +11,7 @@ from taskprune.scoring.common import require_model, row_norms, target_stats, tok
 def wanda_sp(profile: Profile, model=None, adapter=None) -> torch.Tensor:
     """`||W_down[:, j]||_1 * ||h_j||_2`, the norm over every target token (a sum, not a per-token mean)."""
     rows = require_model("wanda-sp", profile, model, adapter)
-    return row_norms(rows, "down", 1) * token_l2(target_stats(profile))
+    return row_norms(rows, "down", 1) * token_l2("wanda-sp", target_stats(profile))
 
 
 def flap(profile: Profile, model=None, adapter=None) -> torch.Tensor:
