@@ -159,6 +159,8 @@ def _check(value, rules: dict, where: str) -> None:
     for where, v in items:
         if "choices" in rules and v not in rules["choices"]:
             raise ConfigError(f"{where}: unknown {v!r}; use {', '.join(rules['choices'])}")
+        if isinstance(v, str):  # a word of an `int | Literal[...]` field: the bounds are for its numbers
+            continue
         if "min" in rules and v < rules["min"]:
             raise ConfigError(f"{where}: {v} is below the minimum {rules['min']}")
         if "max" in rules and v > rules["max"]:
@@ -248,6 +250,24 @@ def _cli_type(hint) -> tuple[Any, tuple | None]:
     return scalar, None
 
 
+def _words(hint) -> tuple:
+    """The words a number field also takes (`int | Literal["auto"]`: ("auto",))."""
+    return tuple(w for a in _alternatives(hint) if get_origin(a) is Literal for w in get_args(a))
+
+
+def _number_or_words(parse, words: tuple):
+    """An argparse type: one of `words`, else a number parsed by `parse`."""
+    def parse_any(text: str):
+        if text in words:
+            return text
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"{err} (or use {' or '.join(words)})") from None
+    parse_any.__name__ = parse.__name__
+    return parse_any
+
+
 def _help(f: Field, default) -> str:
     text = f.metadata.get("help", "")
     if default is None or default is False or isinstance(default, bool) or "default" in text:
@@ -286,6 +306,8 @@ def add_options(parser, cls, required: bool | tuple[str, ...] | None = None,
                 low, low_open = (rules["gt"], True) if "gt" in rules else (rules.get("min"), False)
                 high, high_open = (rules["lt"], True) if "lt" in rules else (rules.get("max"), False)
                 kwargs["type"] = number(kind, low, high, low_open, high_open)
+                if _words(hint):
+                    kwargs["type"] = _number_or_words(kwargs["type"], _words(hint))
             elif kind is Path:
                 kwargs["type"] = Path
             kwargs["metavar"] = None if choices else f.name.upper()

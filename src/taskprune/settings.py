@@ -95,7 +95,9 @@ class EvalSettings:
     limit: int | dict[str, int] | None = option(
         None, min=1, help="items per task (a study may give a mapping task: N): the first N (accuracy tasks) or a "
                           "seeded draw of N (similarity tasks; default 200 for those, all items for the others)")
-    batch_size: int = option(8, min=1, help="generation batch size")
+    batch_size: int | Literal["auto"] = option(
+        8, min=1, help="generation batch size, or auto: the size with the most tokens/s here, measured once per "
+                       "machine, engine, model and dtype and capped by free memory (default 8)")
     max_new_tokens: int | None = option(None, min=1, help="override every task's token budget (defaults: gsm8k "
                                                           "1024, humaneval/mbpp 512, similarity 128)")
     trap_budget: int = option(1024, min=0, help="generate up to this many tokens to detect outputs that never end "

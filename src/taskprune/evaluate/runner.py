@@ -273,6 +273,19 @@ def _speed_prompts(lm: LoadedModel, tasks: list[Task], n: int, data_dir: str | N
     return [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(data_dir, n)]
 
 
+def _auto_batch_size(lm: LoadedModel, tasks: list[Task], settings: EvalSettings, backend: Backend, device,
+                     data_dir: str | None, cache_dir: Path | None, progress: bool) -> int:
+    """`--batch-size auto` for these tasks (taskprune.evaluate.batching): measured on the first generating
+    task's prompts, capped by the memory a full batch of its longest prompt plus the largest budget takes."""
+    from taskprune.evaluate.batching import auto_batch_size
+    from taskprune.models.load import default_cache_dir
+    prompts = _speed_prompts(lm, tasks, 8, data_dir)
+    budgets = [settings.max_new_tokens or t.max_new_tokens for t in tasks if t.output_type != MULTIPLE_CHOICE]
+    longest = max(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    return auto_batch_size(backend, lm, device, prompts, longest + max(budgets + [settings.trap_budget]),
+                           Path(cache_dir) if cache_dir else default_cache_dir(), progress)
+
+
 def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: EvalSettings = EvalSettings(),
              references: dict[str, dict[str, str]] | None = None, similarity=None, progress: bool = True,
              identity: dict | None = None, data_dir: str | None = None, cache_dir: Path | None = None) -> dict:
@@ -300,9 +313,15 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         if sandbox.missing:
             print(f"WARNING: generated code runs with weaker containment: {sandbox.summary}", file=sys.stderr,
                   flush=True)
-    backend = open_backend(settings.backend, lm, cache_dir, _speed_prompts(lm, tasks, settings.batch_size, data_dir)
-                           if settings.backend == "auto" else (), settings.batch_size, progress)
+    # --backend auto with --batch-size auto compares the engines at the batch of 8 prompts.
+    probe_batch = 8 if settings.batch_size == "auto" else settings.batch_size
+    backend = open_backend(settings.backend, lm, cache_dir, _speed_prompts(lm, tasks, probe_batch, data_dir)
+                           if settings.backend == "auto" else (), probe_batch, progress)
     try:
+        if settings.batch_size == "auto":
+            settings = replace(settings, batch_size=_auto_batch_size(lm, tasks, settings, backend, device, data_dir,
+                                                                     cache_dir, progress))
+            summary["batch_size"] = settings.batch_size
         for task in tasks:
             ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), backend,
                               (references or {}).get(task.name), similarity, data_dir)

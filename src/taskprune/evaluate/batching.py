@@ -1,0 +1,106 @@
+"""`--batch-size auto`: the generation batch size with the most useful tokens/s here, by measurement.
+
+On a CPU a decode step reads every weight once whatever the batch, so a bigger batch is nearly free
+until the step turns compute-bound; on a GPU the same holds much further. Where that turn lies
+depends on the device, the model's size and dtype, and the engine, so it is measured: the engine
+decodes `PROBE_TOKENS` tokens for 1, 2, 4, ... of the task's own prompts at once and the doubling
+stops when tokens/s gains less than `MIN_GAIN` (the smallest batch within it of the fastest is
+taken), or where the KV cache of a full batch (longest
+prompt plus the token budget per row) would not fit in half the free memory. Each prompt's prefill
+is paid once whatever the batch, so tokens/s of prefill plus decode peaks where decode alone does.
+
+The choice is remembered in `<cache>/batch-sizes.json` per machine, engine, architecture without
+its MLP width (a pruned variant decodes at the batch its unpruned model chose) and dtype, so a
+study measures once. Outputs do not depend on the batch in fp32; in bf16 only in the last bits
+(see taskprune.evaluate.generate), which is why the batch size is not part of any records key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+from taskprune.models import LoadedModel, config_hash
+
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+PROBE_TOKENS = 16
+MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5%
+MEMORY_SHARE = 0.5  # of the free memory, for the KV cache of a full batch
+
+
+def kv_bytes_per_token(lm: LoadedModel) -> int:
+    """Bytes of keys and values one token adds to the cache, over all layers."""
+    c = lm.model.config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * heads * head_dim * next(lm.model.parameters()).element_size()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: the GPU's free memory, else the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def memory_cap(lm: LoadedModel, device: torch.device, tokens_per_row: int) -> int:
+    """The largest batch whose KV cache, `tokens_per_row` tokens a row, fits `MEMORY_SHARE` of the free memory."""
+    return max(1, int(free_memory(device) * MEMORY_SHARE) // (kv_bytes_per_token(lm) * max(1, tokens_per_row)))
+
+
+def measure(backend, prompts: list[str], cap: int) -> dict[int, float]:
+    """Useful tokens/s of `backend` decoding `PROBE_TOKENS` tokens for each candidate batch of `prompts`
+    (repeated where fewer), doubling while it pays and the batch stays within `cap`."""
+    speeds: dict[int, float] = {}
+    backend.generate(prompts[:1], 2, batch_size=1, progress=False)  # warm-up
+    for size in (c for c in CANDIDATES if c <= cap):
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        start = time.perf_counter()
+        records = backend.generate(batch, PROBE_TOKENS, batch_size=size, progress=False)
+        speeds[size] = sum(r.new_tokens for r in records) / (time.perf_counter() - start)
+        if len(speeds) > 1 and speeds[size] < MIN_GAIN * max(s for b, s in speeds.items() if b < size):
+            break
+    return speeds
+
+
+def best(speeds: dict[int, float]) -> int:
+    """The smallest batch within `MIN_GAIN` of the fastest: as fast, with less memory and latency."""
+    top = max(speeds.values())
+    return min(b for b, s in speeds.items() if s * MIN_GAIN >= top)
+
+
+def auto_batch_size(backend, lm: LoadedModel, device: torch.device, prompts: list[str], tokens_per_row: int,
+                    cache_dir: Path, progress: bool = True) -> int:
+    """The batch size for `backend` on `lm` here: measured on `prompts` once (see the module docstring) and
+    remembered, then capped by the memory free now for rows of `tokens_per_row` tokens."""
+    from taskprune.report.speed import machine
+    if not prompts:
+        raise ValueError("--batch-size auto needs prompts to measure with")
+    m = machine()
+    config = lm.model.config.to_dict()
+    config.pop("intermediate_size", None)
+    arch = config_hash(type(lm.model.config).from_dict(config))
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    key = f"{m.get('cpu')}|{m.get('gpu')}|{m.get('threads')}|{backend.name}|{arch}|{dtype}"
+    path = Path(cache_dir) / "batch-sizes.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    cap = memory_cap(lm, device, tokens_per_row)
+    if key not in known:
+        speeds = measure(backend, prompts, cap)
+        known[key] = {"batch_size": best(speeds), "tokens_per_s": speeds}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=2) + "\n")
+    size = min(int(known[key]["batch_size"]), cap)
+    if progress:
+        figures = ", ".join(f"{b}: {s:.1f}" for b, s in known[key]["tokens_per_s"].items())
+        print(f"batch size auto: {size} (tokens/s by batch {figures}; memory allows {cap}; {path})",
+              file=sys.stderr, flush=True)
+    return size
+
+
+__all__ = ["auto_batch_size", "best", "measure", "memory_cap", "kv_bytes_per_token", "CANDIDATES", "PROBE_TOKENS"]

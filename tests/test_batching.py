@@ -1,0 +1,113 @@
+"""`--batch-size auto`: the doubling rule on a scripted engine and clock, the memory cap, the cache, end to end."""
+
+import argparse
+import json
+
+import pytest
+
+from taskprune.evaluate import batching
+from taskprune.evaluate.generate import GenerationRecord
+from taskprune.evaluate.runner import EvalSettings, evaluate, read_records
+from taskprune.models import LoadedModel, get_adapter
+from taskprune.models.synthetic import byte_tokenizer, tiny_model
+from taskprune.options import ConfigError, add_options, build, from_args
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedEngine:
+    """Decodes instantly but advances `clock` as a CPU would: a prefill per prompt, and a decode step that
+    costs the same up to `flat` rows and grows with the batch beyond."""
+
+    name = "scripted"
+
+    def __init__(self, clock: Clock, flat: int):
+        self.clock, self.flat, self.calls = clock, flat, []
+
+    def generate(self, prompts, max_new_tokens, *, batch_size=8, progress=True, **_):
+        self.calls.append(batch_size)
+        step = 0.1 * max(1.0, batch_size / self.flat)
+        self.clock.now += 0.2 * len(prompts) + max_new_tokens * step
+        return [GenerationRecord(i, p, "x", max_new_tokens, False, "budget", 0.0) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture
+def lm():
+    return LoadedModel(tiny_model("qwen2"), byte_tokenizer(), get_adapter("qwen2"), {"spec": "tiny"})
+
+
+@pytest.mark.parametrize("flat,expected", [(1, 1), (8, 8), (16, 16)])
+def test_doubling_stops_where_the_decode_step_stops_being_free(monkeypatch, flat, expected):
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    engine = ScriptedEngine(clock, flat)
+    speeds = batching.measure(engine, ["a", "b", "c"], cap=64)
+    assert batching.best(speeds) == expected
+    assert max(speeds) <= 2 * expected  # it stopped one doubling past the best, not at 64
+    assert engine.calls[0] == 1 and engine.calls[1:] == list(speeds)  # warm-up, then each size once
+
+
+def test_memory_caps_the_batch(lm, monkeypatch):
+    per_token = batching.kv_bytes_per_token(lm)
+    c = lm.model.config
+    assert per_token == 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    monkeypatch.setattr(batching, "free_memory", lambda device: 2 * per_token * 100 * 5)  # half: 5 rows of 100
+    assert batching.memory_cap(lm, None, 100) == 5
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    speeds = batching.measure(ScriptedEngine(clock, 64), ["a"], cap=5)
+    assert list(speeds) == [1, 2, 4] and batching.best(speeds) == 4  # 8 would not fit
+
+
+def test_measured_once_per_machine_engine_and_architecture(lm, monkeypatch, tmp_path, capsys):
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    monkeypatch.setattr(batching, "free_memory", lambda device: 2**40)
+    engine = ScriptedEngine(clock, 4)
+    assert batching.auto_batch_size(engine, lm, None, ["a"], 64, tmp_path) == 4
+    measured = len(engine.calls)
+    assert "batch size auto: 4" in capsys.readouterr().err
+    pruned = LoadedModel(tiny_model("qwen2", d_ff=128), lm.tokenizer, lm.adapter, {"spec": "p"})
+    assert batching.auto_batch_size(engine, pruned, None, ["a"], 64, tmp_path) == 4
+    assert len(engine.calls) == measured  # a pruned variant reuses its model's measurement
+    known = json.loads((tmp_path / "batch-sizes.json").read_text())
+    assert [v["batch_size"] for v in known.values()] == [4]
+    monkeypatch.setattr(batching, "free_memory", lambda device: 2 * batching.kv_bytes_per_token(lm) * 64 * 2)
+    assert batching.auto_batch_size(engine, lm, None, ["a"], 64, tmp_path) == 2  # less memory free now
+    with pytest.raises(ValueError, match="needs prompts"):
+        batching.auto_batch_size(engine, lm, None, [], 64, tmp_path / "other")
+
+
+def test_auto_on_the_command_line_and_in_a_config():
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_options(parser, EvalSettings)
+    assert from_args(EvalSettings, parser.parse_args(["--batch-size", "auto"])).batch_size == "auto"
+    assert from_args(EvalSettings, parser.parse_args(["--batch-size", "16"])).batch_size == 16
+    for bad, says in (("0", "at least 1"), ("fast", "not an integer")):
+        with pytest.raises(argparse.ArgumentError, match=f"{says}.*or use auto"):
+            parser.parse_args(["--batch-size", bad])
+    assert build(EvalSettings, {"batch_size": "auto"}).batch_size == "auto"
+    assert build(EvalSettings, {"batch_size": 4}).batch_size == 4
+    with pytest.raises(ConfigError, match="batch_size"):
+        build(EvalSettings, {"batch_size": "fast"})
+    with pytest.raises(ConfigError, match="below the minimum"):
+        build(EvalSettings, {"batch_size": 0})
+
+
+def test_evaluate_with_auto_gives_the_records_of_a_fixed_batch(lm, data_dir, tmp_path):
+    settings = EvalSettings(tasks=("gsm8k",), limit=3, max_new_tokens=6, trap_budget=0, speed_prompts=0)
+    fixed = evaluate(lm, ["gsm8k"], tmp_path / "fixed", settings, progress=False, data_dir=data_dir,
+                     cache_dir=tmp_path / "cache")
+    auto = evaluate(lm, ["gsm8k"], tmp_path / "auto", EvalSettings(**{**settings.__dict__, "batch_size": "auto"}),
+                    progress=False, data_dir=data_dir, cache_dir=tmp_path / "cache")
+    assert "batch_size" not in fixed and isinstance(auto["batch_size"], int) and auto["batch_size"] >= 1
+    assert auto["settings"]["batch_size"] == "auto"
+    assert (tmp_path / "cache" / "batch-sizes.json").is_file()
+    a, b = (read_records(tmp_path / d / "gsm8k.jsonl") for d in ("fixed", "auto"))
+    assert {i: r["output"] for i, r in a.items()} == {i: r["output"] for i, r in b.items()}  # fp32 tiny model
