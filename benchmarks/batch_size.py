@@ -1,0 +1,74 @@
+"""`--batch-size auto` against a fixed batch: the measured choice, then HumanEval tokens/s at both.
+
+    python benchmarks/batch_size.py [--model qwen2.5-coder-1.5b] [--dtype auto] [--n 32] [--baseline 8]
+
+First the measurement `--batch-size auto` makes (taskprune.evaluate.batching, into a fresh cache):
+tokens/s by candidate batch and the size it keeps. Then the engine decodes the first `--n` HumanEval
+prompts (the evaluation's instruction and chat template, greedy, `--max-new-tokens`) at the
+`--baseline` batch (the default before auto) and at the chosen one, alternating `--repeats` times,
+and prints useful tokens/s of each, their ratio (target >= 1.5 at 1.5B on a CPU) and how many outputs
+are identical (all of them in fp32; in bf16 a batch shape can flip a near-tie).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from taskprune.evaluate.backends import TorchBackend
+from taskprune.evaluate.batching import auto_batch_size
+from taskprune.evaluate.runner import chat_prompt
+from taskprune.evaluate.tasks import get_task
+from taskprune.models import input_device, load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--n", type=int, default=32, help="HumanEval prompts (the first n)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--baseline", type=int, default=8, help="the fixed batch size to compare with")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    lm = load_model(args.model, args.dtype)
+    task = get_task("humaneval")
+    prompts = [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(limit=args.n)]
+    backend = TorchBackend(lm)
+    longest = max(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        chosen = auto_batch_size(backend, lm, input_device(lm.model), prompts[:8], longest + args.max_new_tokens,
+                                 Path(cache))
+        probe_s = time.perf_counter() - start
+        speeds = next(iter(json.loads((Path(cache) / "batch-sizes.json").read_text()).values()))["tokens_per_s"]
+    print(f"model {args.model}, dtype {lm.model.dtype}; auto chose batch {chosen} in {probe_s:.0f} s "
+          f"(tokens/s by batch: {speeds})", flush=True)
+
+    best, outputs = {}, {}
+    for _ in range(args.repeats):
+        for size in (args.baseline, chosen):
+            start = time.perf_counter()
+            records = backend.generate(prompts, args.max_new_tokens, batch_size=size, progress=False)
+            rate = sum(r.new_tokens for r in records) / (time.perf_counter() - start)
+            best[size] = max(best.get(size, 0.0), rate)
+            outputs[size] = [r.output for r in records]
+            print(f"batch {size:3d}: {rate:6.2f} tokens/s", flush=True)
+    same = sum(a == b for a, b in zip(outputs[args.baseline], outputs[chosen]))
+    ratio = best[chosen] / best[args.baseline]
+    print(f"auto (batch {chosen}) / batch {args.baseline}: {ratio:.2f}x tokens/s (target >= 1.5); "
+          f"{same}/{len(prompts)} outputs identical")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "dtype": str(lm.model.dtype), "n": len(prompts),
+                                         "max_new_tokens": args.max_new_tokens, "chosen": chosen,
+                                         "probe_s": probe_s, "probe_tokens_per_s": speeds,
+                                         "tokens_per_s": best, "ratio": ratio, "identical": same}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
