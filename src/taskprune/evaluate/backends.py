@@ -4,7 +4,8 @@ same tokenizer, stop rules, budgets and records; they differ in what computes th
 
     hf        transformers, on the model's device and dtype (the default)
     llamacpp  llama.cpp on a GGUF export of the same weights in the same dtype (taskprune.evaluate.llamacpp)
-    auto      the faster of the two on this machine, by a short measurement cached per CPU, model and dtype
+    vllm      vLLM on the same weights and dtype (taskprune.evaluate.vllm_engine; its own virtualenv)
+    auto      the fastest of those installed here, by a short measurement cached per CPU, model and dtype
 
 Multiple-choice tasks are log-likelihood scoring, always with transformers.
 """
@@ -64,8 +65,13 @@ def _llamacpp(lm: LoadedModel, cache_dir: Path | None = None, progress: bool = T
     return LlamaCppBackend(lm, cache_dir, progress)
 
 
-BACKENDS = {"hf": TorchBackend, "llamacpp": _llamacpp}
-BACKEND_CHOICES = ("hf", "llamacpp", "auto")
+def _vllm(lm: LoadedModel, cache_dir: Path | None = None, progress: bool = True) -> Backend:
+    from taskprune.evaluate.vllm_engine import VllmBackend
+    return VllmBackend(lm, cache_dir, progress)
+
+
+BACKENDS = {"hf": TorchBackend, "llamacpp": _llamacpp, "vllm": _vllm}
+BACKEND_CHOICES = ("hf", "llamacpp", "vllm", "auto")
 
 
 def require_backend(name: str) -> None:
@@ -75,6 +81,21 @@ def require_backend(name: str) -> None:
     if name == "llamacpp":
         from taskprune.evaluate.llamacpp import llama_cpp_module
         llama_cpp_module()
+    if name == "vllm":
+        from taskprune.evaluate.vllm_engine import vllm_module
+        vllm_module()
+
+
+def installed() -> list[str]:
+    """The engines that can run here."""
+    names = []
+    for name in BACKENDS:
+        try:
+            require_backend(name)
+        except ValueError:
+            continue
+        names.append(name)
+    return names
 
 
 def open_backend(name: str, lm: LoadedModel, cache_dir: Path | None = None, probe: list[str] = (),
@@ -89,15 +110,13 @@ def open_backend(name: str, lm: LoadedModel, cache_dir: Path | None = None, prob
 
 
 def choose(lm: LoadedModel, cache_dir: Path, probe: list[str], batch_size: int, progress: bool = True) -> str:
-    """The faster engine for `lm` here: transformers where llama.cpp is not installed, else the one with the
-    higher tokens/s decoding the `probe` prompts `PROBE_TOKENS` tokens at `batch_size`. Measured once per
+    """The fastest engine for `lm` here: transformers where no other is installed, else the one with the
+    highest tokens/s decoding the `probe` prompts `PROBE_TOKENS` tokens at `batch_size`. Measured once per
     CPU, model architecture, dtype and batch size and remembered in `<cache>/backends.json`, so that a
     resumed evaluation picks the engine its records were made with."""
-    from taskprune.evaluate.llamacpp import LlamaCppMissing, llama_cpp_module
     from taskprune.report.speed import machine
-    try:
-        llama_cpp_module()
-    except LlamaCppMissing:
+    names = installed()
+    if names == ["hf"]:
         return "hf"
     m = machine()
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
@@ -108,8 +127,8 @@ def choose(lm: LoadedModel, cache_dir: Path, probe: list[str], batch_size: int, 
         if not probe:
             raise ValueError("--backend auto needs prompts to measure with")
         speeds = {}
-        for name, make in BACKENDS.items():
-            backend = make(lm, cache_dir, progress)
+        for name in names:
+            backend = BACKENDS[name](lm, cache_dir, progress)
             try:
                 backend.generate(probe[:1], 2, batch_size=1, progress=False)  # warm-up (and llama.cpp's export)
                 start = time.perf_counter()
@@ -128,4 +147,5 @@ def choose(lm: LoadedModel, cache_dir: Path, probe: list[str], batch_size: int, 
     return choice["backend"]
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "Backend", "TorchBackend", "choose", "open_backend", "require_backend"]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "Backend", "TorchBackend", "choose", "installed", "open_backend",
+           "require_backend"]
