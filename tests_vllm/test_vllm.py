@@ -99,3 +99,27 @@ def test_a_width_vllm_cannot_shard_is_refused():
     lm = LoadedModel(model, byte_tokenizer(), get_adapter("qwen2"), {"spec": "x"})
     with pytest.raises(ValueError, match="--align 128"):
         open_backend("vllm", lm)
+
+
+def test_multiple_choice_from_vllms_prompt_logprobs(pruned, tmp_path):
+    from taskprune.evaluate.multiple_choice import loglikelihoods
+    lm, _ = pruned
+    pairs = [("Question: 2 + 2 =", " 4"), ("Question: 2 + 2 =", " five"), ("", " hello"), ("abc " * 40, " d e f")]
+    engine = VllmBackend(lm, tmp_path / "cache", progress=False)
+    try:
+        ours = loglikelihoods(lm.model, lm.tokenizer, pairs, batch_size=2)
+        theirs = loglikelihoods(lm.model, lm.tokenizer, pairs, engine=engine)
+    finally:
+        engine.close()
+    assert [g for _, g in theirs] == [g for _, g in ours]
+    for (a, _), (b, _) in zip(ours, theirs):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-4)
+    settings = EvalSettings(tasks=("mc:arc-easy",), limit=4, speed_prompts=0)
+    hf = evaluate(lm, ["mc:arc-easy"], tmp_path / "hf", settings, progress=False)
+    vl = evaluate(lm, ["mc:arc-easy"], tmp_path / "vllm", EvalSettings(**{**settings.__dict__, "backend": "vllm"}),
+                  progress=False)
+    a, b = (read_records(tmp_path / d / "mc-arc-easy.jsonl") for d in ("hf", "vllm"))
+    assert a.keys() == b.keys() and len(a) == 4
+    for i in a:
+        assert b[i]["loglik"] == pytest.approx(a[i]["loglik"], rel=1e-4, abs=1e-4)
+    assert vl["tasks"]["mc:arc-easy"]["n"] == hf["tasks"]["mc:arc-easy"]["n"] == 4

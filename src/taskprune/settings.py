@@ -120,7 +120,8 @@ class EvalSettings:
         "hf", help="engine that decodes: hf (transformers, default), llamacpp (llama.cpp on a GGUF export of the "
                    "same weights and dtype, the fast engine on CPUs; needs `make gguf`), vllm (vLLM on the same "
                    "weights and dtype, the engine of GPUs; needs `make vllm`), auto (the fastest installed here, "
-                   "measured once); multiple choice always scores with transformers")
+                   "measured once); multiple choice scores with vllm's prompt log-probabilities on vllm, else "
+                   "with transformers")
 
     def limit_for(self, task: str) -> int | None:
         return self.limit.get(task) if isinstance(self.limit, dict) else self.limit

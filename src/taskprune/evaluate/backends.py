@@ -7,7 +7,8 @@ same tokenizer, stop rules, budgets and records; they differ in what computes th
     vllm      vLLM on the same weights and dtype (taskprune.evaluate.vllm_engine; its own virtualenv)
     auto      the fastest of those installed here, by a short measurement cached per CPU, model and dtype
 
-Multiple-choice tasks are log-likelihood scoring, always with transformers.
+Multiple-choice tasks are log-likelihood scoring: with vLLM's prompt log-probabilities on `vllm` (an engine
+with `continuation_logprobs`), else with transformers.
 """
 
 from __future__ import annotations

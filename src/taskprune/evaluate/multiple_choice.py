@@ -101,13 +101,15 @@ def _forward_logprobs(model, rows: list[list[int]], keep_last: list[int], pad_id
 
 def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8, *,
                    padding_side: str = "right", max_length: int | None = None,
-                   add_bos: bool | None = None) -> list[tuple[float, bool]]:
+                   add_bos: bool | None = None, engine=None) -> list[tuple[float, bool]]:
     """(sum of log p(continuation tokens | context), whether every continuation token is the argmax)
     for each (context, continuation) pair, in input order.
 
     `max_length` (default: the model's ``max_position_embeddings``) caps the input length, cutting on
     the left; `add_bos` None means the harness's default for this model (its adapter's `add_bos`: True
-    only for Gemma).
+    only for Gemma). `engine`, when given, computes the same from the token ids instead of `model`'s
+    forward: anything with ``continuation_logprobs(rows, n_cont) -> [(loglik, greedy)]``, the sum over
+    the last ``n_cont[i]`` tokens of ``rows[i]`` (the vLLM engine's prompt log-probabilities).
     """
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
@@ -140,6 +142,9 @@ def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: i
             job_inputs.append(inp)
             job_keep.append(n_cont)
         requests.append((jobs[key], cont))
+    if engine is not None:
+        rows = [job_inputs[j] + cont[-1:] for j, cont in requests]  # the whole (cut) context + continuation
+        return engine.continuation_logprobs(rows, [len(cont) for _, cont in requests])
 
     job_logprobs: list[torch.Tensor | None] = [None] * len(job_inputs)
     order = sorted(range(len(job_inputs)), key=lambda j: (-len(job_inputs[j]), j))

@@ -191,8 +191,10 @@ def _multiple_choice(lm: LoadedModel, task: Task, out_dir: Path, settings: EvalS
     the model must match the earlier records)."""
     provenance.claim(out_dir, ctx.spec, ctx.identity, task.name, {"task": task.name})
     with WorkingSet(input_device(lm.model)) as ws:
+        # An engine that scores continuations itself (vllm) does; the others leave it to transformers.
+        engine = ctx.backend if hasattr(ctx.backend, "continuation_logprobs") else None
         result = evaluate_multiple_choice(lm, task.dataset, settings.limit_for(task.name), ctx.data_dir,
-                                          settings.batch_size)
+                                          settings.batch_size, engine=engine)
     write_records(out_dir / task.records_file, result["records"])
     s = result["summary"]
     if progress:

@@ -7,7 +7,9 @@ every engine shares (`decode_greedy`), which applies the budget, the stop criter
 trap rule exactly as for the other engines and makes the same records; vLLM has decoded past an
 early end for nothing, which costs time but never changes a record. Prompts go in as token ids
 encoded by taskprune's tokenizer, so both engines see the same ids. Records stream to the caller
-a chunk of prompts (four batches) at a time, so a killed run resumes with little lost.
+a chunk of prompts (four batches) at a time, so a killed run resumes with little lost. Multiple
+choice scores with vLLM's prompt log-probabilities (`continuation_logprobs`), tokenised as for
+transformers.
 
 vLLM has its own pins (`torch==2.13.0`, `transformers<5.20`), so it lives in `.venv-vllm`
 (`make vllm`: the CPU build here, `VLLM_SPEC=vllm` for CUDA); run `.venv-vllm/bin/taskprune`. On this
@@ -156,6 +158,20 @@ class VllmBackend:
                                  early=early)
             records += [placed(r) for r in done]
         return records
+
+    def continuation_logprobs(self, rows: list[list[int]], n_cont: list[int]) -> list[tuple[float, bool]]:
+        """(sum of the log-probabilities of the last `n_cont[i]` tokens of `rows[i]` given what precedes them,
+        whether each is the most probable token there) from vLLM's prompt log-probabilities (fp32 log-softmax
+        of the logits): multiple choice on this engine (taskprune.evaluate.multiple_choice)."""
+        vllm = vllm_module()
+        llm = self._engine(max(map(len, rows)) + 1, self._shape[1] if self._shape else 8)
+        params = vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = llm.generate([{"prompt_token_ids": r} for r in rows], params, use_tqdm=self.progress)
+        results = []
+        for row, n, out in zip(rows, n_cont, outputs, strict=True):
+            scored = [out.prompt_logprobs[pos][row[pos]] for pos in range(len(row) - n, len(row))]
+            results.append((sum(s.logprob for s in scored), all(s.rank == 1 for s in scored)))
+        return results
 
     def tokens_per_second(self, prompts: list[str], new_tokens: int = 64) -> float:
         """Batch-1 decode speed, EOS ignored (as `resources.decode_tokens_per_second` for transformers)."""
