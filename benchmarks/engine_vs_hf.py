@@ -1,18 +1,19 @@
-"""The llama.cpp evaluation engine (`--backend llamacpp`) against the transformers engine, in one run.
+"""Another evaluation engine (`--engine llamacpp` or `vllm`) against the transformers engine, in one run.
 
 Both engines evaluate the same model on the first ``--n`` HumanEval problems through `taskprune.evaluate`
 itself (same prompts, greedy settings, stop rule, budget, sandbox and records; ``--trap-budget`` 0 by
 default, so every row stops at EOS or 512 tokens), each into its own directory. Printed: HumanEval
-tokens/s of each engine at ``--batch-size`` and their ratio (llama.cpp / transformers), the batch-1
+tokens/s of each engine at ``--batch-size`` and their ratio (engine / transformers), the batch-1
 decode ratio, how many outputs are identical, pass@1 of each and their paired difference with a 95%
-bootstrap interval. The issue's target for the eval-batch ratio: >= 1x on a CPU with native bf16
-(avx512_bf16 / amx_bf16), >= 3x on one without, at 1.5B.
+bootstrap interval. The target for llama.cpp's eval-batch ratio (issue 17): >= 1x on a CPU with native
+bf16 (avx512_bf16 / amx_bf16), >= 3x on one without, at 1.5B; vLLM has none on a CPU (it is the GPU
+engine; here the run checks agreement).
 
-Usage (needs llama.cpp: run it with .venv-gguf/bin/python after `make gguf`)::
+Usage (each engine in its own virtualenv: llama.cpp after `make gguf`, vLLM after `make vllm`)::
 
-    .venv-gguf/bin/python benchmarks/llamacpp_engine.py                        # embedded 0.5B, f32, 20 problems
-    .venv-gguf/bin/python benchmarks/llamacpp_engine.py --model qwen2.5-coder-1.5b --dtype auto --n 16
-    .venv-gguf/bin/python benchmarks/llamacpp_engine.py --n 164 --json results/bench/llamacpp_engine.json
+    .venv-gguf/bin/python benchmarks/engine_vs_hf.py                        # llama.cpp, embedded 0.5B, f32, 20
+    .venv-gguf/bin/python benchmarks/engine_vs_hf.py --model qwen2.5-coder-1.5b --dtype auto --n 16
+    .venv-vllm/bin/python benchmarks/engine_vs_hf.py --engine vllm --dtype auto --n 20
 
 Pause other torch work first: two processes on two cores distort each other's timings.
 """
@@ -30,9 +31,6 @@ from taskprune.report.speed import Headline, machine, machine_text, write_benchm
 from taskprune.report.tables import paired_bootstrap
 from taskprune.settings import EvalSettings
 
-ENGINES = ("hf", "llamacpp")
-
-
 def run_engine(lm, engine: str, out: Path, args) -> tuple[dict, dict[str, dict]]:
     settings = EvalSettings(tasks=("humaneval",), limit=args.n, batch_size=args.batch_size,
                             trap_budget=args.trap_budget, speed_prompts=args.speed_prompts, backend=engine)
@@ -42,6 +40,7 @@ def run_engine(lm, engine: str, out: Path, args) -> tuple[dict, dict[str, dict]]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", default="llamacpp", choices=("llamacpp", "vllm"))
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="model spec (packaged name, path, hub id)")
     parser.add_argument("--dtype", default="float32", help="float32 (agreement within noise), bfloat16 or auto")
     parser.add_argument("--n", type=int, default=20, help="HumanEval problems (164: all)")
@@ -52,30 +51,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (report/speed.py)")
     args = parser.parse_args(argv)
 
+    engines = ("hf", args.engine)
     lm = load_model(args.model, dtype=args.dtype)
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     m = machine()
     print(f"{args.model} in {dtype} on {machine_text(m)}; HumanEval first {args.n}, batch {args.batch_size}",
           flush=True)
     summaries, records = {}, {}
-    with tempfile.TemporaryDirectory(prefix="llamacpp-engine-") as tmp:
-        for engine in ENGINES:
+    with tempfile.TemporaryDirectory(prefix=f"{args.engine}-engine-") as tmp:
+        for engine in engines:
             summaries[engine], records[engine] = run_engine(lm, engine, Path(tmp) / engine, args)
 
     def figure(engine: str, key: str) -> float:
         s = summaries[engine]
         return s["tasks"]["humaneval"][key] if key != "batch1" else s["resources"]["tokens_per_s_batch1"]
 
-    hf, cpp = records["hf"], records["llamacpp"]
-    same = sum(hf[i]["output"] == cpp[i]["output"] for i in hf)
-    agree = sum(bool(hf[i]["correct"]) == bool(cpp[i]["correct"]) for i in hf)
-    delta = paired_bootstrap({i: float(r["correct"]) for i, r in cpp.items()},
+    hf, other = records["hf"], records[args.engine]
+    same = sum(hf[i]["output"] == other[i]["output"] for i in hf)
+    agree = sum(bool(hf[i]["correct"]) == bool(other[i]["correct"]) for i in hf)
+    delta = paired_bootstrap({i: float(r["correct"]) for i, r in other.items()},
                              {i: float(r["correct"]) for i, r in hf.items()})
     native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(m.get("cpu_flags", [])))
-    target = 1.0 if native_bf16 else 3.0
-    ratio = figure("llamacpp", "tokens_per_s") / figure("hf", "tokens_per_s")
+    target = (1.0 if native_bf16 else 3.0) if args.engine == "llamacpp" else None
+    ratio = figure(args.engine, "tokens_per_s") / figure("hf", "tokens_per_s")
     rows = []
-    for engine in ENGINES:
+    for engine in engines:
         t = summaries[engine]["tasks"]["humaneval"]
         rows.append({"engine": engine, "pass_at_1": t["accuracy"], "tokens_per_s": t["tokens_per_s"],
                      "tokens_per_s_batch1": figure(engine, "batch1"), "mean_new_tokens": t["mean_new_tokens"],
@@ -83,22 +83,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {engine:9s} pass@1 {100 * t['accuracy']:5.1f}%  {t['tokens_per_s']:6.1f} tok/s at batch "
               f"{args.batch_size}  {figure(engine, 'batch1') or 0:6.1f} tok/s at batch 1  "
               f"{t['mean_new_tokens']:6.1f} new tokens/problem  {t['wall_s_this_run']:7.1f} s", flush=True)
-    headline = [Headline(f"{args.model} {dtype}: llama.cpp / transformers HumanEval tokens/s at batch "
+    headline = [Headline(f"{args.model} {dtype}: {args.engine} / transformers HumanEval tokens/s at batch "
                          f"{args.batch_size}", ratio, target, "x")]
-    print(f"llama.cpp / transformers: {ratio:.2f}x at batch {args.batch_size} (target >= {target:g}x on this CPU, "
-          f"{'native' if native_bf16 else 'no native'} bf16)", flush=True)
+    aim = f" (target >= {target:g}x on this CPU, {'native' if native_bf16 else 'no native'} bf16)" if target else ""
+    print(f"{args.engine} / transformers: {ratio:.2f}x at batch {args.batch_size}{aim}", flush=True)
     if args.speed_prompts:
-        ratio1 = figure("llamacpp", "batch1") / figure("hf", "batch1")
-        headline.append(Headline(f"{args.model} {dtype}: llama.cpp / transformers batch-1 tokens/s", ratio1, None, "x"))
-        print(f"llama.cpp / transformers: {ratio1:.2f}x at batch 1", flush=True)
-    print(f"identical outputs {same}/{len(hf)}, same verdict {agree}/{len(hf)}; pass@1 llama.cpp - transformers "
+        ratio1 = figure(args.engine, "batch1") / figure("hf", "batch1")
+        headline.append(Headline(f"{args.model} {dtype}: {args.engine} / transformers batch-1 tokens/s", ratio1,
+                                 None, "x"))
+        print(f"{args.engine} / transformers: {ratio1:.2f}x at batch 1", flush=True)
+    print(f"identical outputs {same}/{len(hf)}, same verdict {agree}/{len(hf)}; pass@1 {args.engine} - transformers "
           f"{delta[0]:+.1f} points (95% paired bootstrap [{delta[1]:+.1f}, {delta[2]:+.1f}], {delta[3]} problems)",
           flush=True)
     headline.append(Headline(f"{args.model} {dtype}: identical HumanEval outputs", same / len(hf), None, "share"))
     if args.json:
         rows.append({"identical_outputs": same, "same_verdict": agree, "problems": len(hf),
                      "pass_at_1_delta_points": list(delta[:3])})
-        write_benchmark(args.json, "llamacpp_engine", headline, rows)
+        write_benchmark(args.json, f"{args.engine}_engine", headline, rows)
         print(f"wrote {args.json}")
     print(json.dumps({"ratio": ratio, "identical": same, "n": len(hf)}))
 
