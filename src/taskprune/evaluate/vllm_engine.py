@@ -27,6 +27,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, decode_greedy, eos_token_ids
 from taskprune.models import LoadedModel, weights_fingerprint
 
@@ -102,18 +104,18 @@ class _Replay:
 
 
 class VllmBackend:
-    """The vLLM engine over `lm`'s weights and dtype (loaded on first use, kept for later calls)."""
+    """The vLLM engine over `lm`'s weights and dtype (loaded on first use, kept for later calls), on one
+    device: tensor parallelism is not offered yet (`check_width` says what it would need)."""
 
     name = "vllm"
 
-    def __init__(self, lm: LoadedModel, cache_dir: Path, progress: bool = True, tensor_parallel_size: int = 1):
+    def __init__(self, lm: LoadedModel, cache_dir: Path, progress: bool = True):
         vllm_module()  # fail before saving anything
-        check_width(lm.model.config, tensor_parallel_size)
+        check_width(lm.model.config)
         dtype = str(next(lm.model.parameters()).dtype)
         if dtype not in DTYPES:
             raise ValueError(f"--backend vllm runs float32, bfloat16 or float16 models, not {dtype}; choose --dtype")
         self.lm, self.cache_dir, self.progress, self.dtype = lm, Path(cache_dir), progress, DTYPES[dtype]
-        self.tp = tensor_parallel_size
         self.eos_ids = eos_token_ids(lm.model, lm.tokenizer)
         self._llm, self._shape = None, None
 
@@ -123,9 +125,10 @@ class VllmBackend:
             self.close()
             vllm = vllm_module()
             max_len = min(max(max_len, 2048), self.lm.model.config.max_position_embeddings)
+            # Eager on CPUs (vLLM's compiled CPU warm-up took over 10 minutes here); CUDA graphs on GPUs.
             self._llm = vllm.LLM(model=str(model_dir(self.lm, self.cache_dir)), dtype=self.dtype,
-                                 max_model_len=max_len, max_num_seqs=batch_size, enforce_eager=True,
-                                 tensor_parallel_size=self.tp, seed=0)
+                                 max_model_len=max_len, max_num_seqs=batch_size,
+                                 enforce_eager=not torch.cuda.is_available(), seed=0)
             self._shape = (max_len, batch_size)
         return self._llm
 
