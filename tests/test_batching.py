@@ -111,3 +111,6 @@ def test_evaluate_with_auto_gives_the_records_of_a_fixed_batch(lm, data_dir, tmp
     assert (tmp_path / "cache" / "batch-sizes.json").is_file()
     a, b = (read_records(tmp_path / d / "gsm8k.jsonl") for d in ("fixed", "auto"))
     assert {i: r["output"] for i, r in a.items()} == {i: r["output"] for i, r in b.items()}  # fp32 tiny model
+    mc = evaluate(lm, ["mc:arc-easy"], tmp_path / "mc", EvalSettings(tasks=("mc:arc-easy",), limit=2,
+                  speed_prompts=0, batch_size="auto"), progress=False, data_dir=data_dir, cache_dir=tmp_path / "c2")
+    assert mc["batch_size"] == 8 and not (tmp_path / "c2" / "batch-sizes.json").exists()  # nothing to measure

@@ -278,9 +278,12 @@ def _speed_prompts(lm: LoadedModel, tasks: list[Task], n: int, data_dir: str | N
 def _auto_batch_size(lm: LoadedModel, tasks: list[Task], settings: EvalSettings, backend: Backend, device,
                      data_dir: str | None, cache_dir: Path | None, progress: bool) -> int:
     """`--batch-size auto` for these tasks (taskprune.evaluate.batching): measured on the first generating
-    task's prompts, capped by the memory a full batch of its longest prompt plus the largest budget takes."""
+    task's prompts, capped by the memory a full batch of its longest prompt plus the largest budget takes.
+    Multiple choice alone generates nothing to measure: it scores at the default batch."""
     from taskprune.evaluate.batching import auto_batch_size
     from taskprune.models.load import default_cache_dir
+    if all(t.output_type == MULTIPLE_CHOICE for t in tasks):
+        return EvalSettings().batch_size
     prompts = _speed_prompts(lm, tasks, 8, data_dir)
     budgets = [settings.max_new_tokens or t.max_new_tokens for t in tasks if t.output_type != MULTIPLE_CHOICE]
     longest = max(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
