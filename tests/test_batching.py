@@ -84,6 +84,13 @@ def test_measured_once_per_machine_engine_and_architecture(lm, monkeypatch, tmp_
         batching.auto_batch_size(engine, lm, None, [], 64, tmp_path / "other")
 
 
+def test_an_engine_that_schedules_its_own_batch_is_not_measured(lm, tmp_path):
+    engine = ScriptedEngine(Clock(), 4)
+    engine.schedules_batch = 256
+    assert batching.auto_batch_size(engine, lm, None, ["a"], 64, tmp_path, progress=False) == 256
+    assert engine.calls == [] and not (tmp_path / "batch-sizes.json").exists()
+
+
 def test_auto_on_the_command_line_and_in_a_config():
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_options(parser, EvalSettings)

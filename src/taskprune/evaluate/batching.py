@@ -9,6 +9,9 @@ taken), or where the KV cache of a full batch (longest
 prompt plus the token budget per row) would not fit in half the free memory. Each prompt's prefill
 is paid once whatever the batch, so tokens/s of prefill plus decode peaks where decode alone does.
 
+An engine that schedules its batch by its own KV-cache memory (vLLM) says so with a
+`schedules_batch` attribute, the concurrency it then takes, and is not measured.
+
 The choice is remembered in `<cache>/batch-sizes.json` per machine, engine, architecture without
 its MLP width (a pruned variant decodes at the batch its unpruned model chose) and dtype, so a
 study measures once. Outputs do not depend on the batch in fp32; in bf16 only in the last bits
@@ -79,6 +82,11 @@ def auto_batch_size(backend, lm: LoadedModel, device: torch.device, prompts: lis
     """The batch size for `backend` on `lm` here: measured on `prompts` once (see the module docstring) and
     remembered, then capped by the memory free now for rows of `tokens_per_row` tokens."""
     from taskprune.report.speed import machine
+    own = getattr(backend, "schedules_batch", None)
+    if own is not None:  # an engine that sizes its batch by its own KV-cache memory (vllm)
+        if progress:
+            print(f"batch size auto: {own} ({backend.name} schedules its own batch)", file=sys.stderr, flush=True)
+        return own
     if not prompts:
         raise ValueError("--batch-size auto needs prompts to measure with")
     m = machine()

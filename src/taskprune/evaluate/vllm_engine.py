@@ -108,6 +108,8 @@ class VllmBackend:
     device: tensor parallelism is not offered yet (`check_width` says what it would need)."""
 
     name = "vllm"
+    # `--batch-size auto`: vLLM admits rows as its KV-cache blocks allow, up to its default max_num_seqs.
+    schedules_batch = 256
 
     def __init__(self, lm: LoadedModel, cache_dir: Path, progress: bool = True):
         vllm_module()  # fail before saving anything
