@@ -421,7 +421,8 @@ def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
     own = write_benchmark(run / FOLDER / "speedup.json", "pruned_speedup",
                           [Headline("hf batch 1: share of the ideal gain", 0.75, 0.8, "share")], _speedup_rows())
     extra = write_benchmark(tmp_path / "surgery.json", "surgery_memory",
-                            [Headline("peak RSS / largest shard", 1.6, 2.15, "x", higher_is_better=False)])
+                            [Headline("peak RSS / largest shard", 1.6, 2.15, "x", higher_is_better=False),
+                             Headline("verdicts equal", 100 * 4223 / 4224, 99.0, "%")])
     back = read_benchmark(own)
     assert back.name == "pruned_speedup" and back.command.endswith(" benchmarks/pruned_speedup.py --prompts 2")
     assert back.headline[0].met is False and read_benchmark(extra).headline[0].met is True
@@ -433,4 +434,5 @@ def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
     assert _row(speed, "35%") == "| 35% | 3072 | – | – | 1.300x | 1.225x (0.75) | 1.270x (0.90) |"
     assert "| pruned_speedup | hf batch 1: share of the ideal gain | 0.75 | ≥ 0.8 ✗ |" in speed
     assert "| surgery_memory | peak RSS / largest shard | 1.6x | ≤ 2.15 ✓ |" in speed
+    assert "| surgery_memory | verdicts equal | 99.98% | ≥ 99 ✓ |" in speed  # not rounded up to 100%
     assert "## Speed" not in write_report(BUILD.build(tmp_path / "bare"), tmp_path / "bare-out")[0].read_text()

@@ -475,7 +475,8 @@ def _speed(d: Doc, rep: Report, benchmarks: list[Benchmark]) -> None:
     d.p("Every benchmark's headline figures, each a ratio against a baseline measured in the same run (so that "
         "these noisy machines compare like with like), with the issue's target where there is one.")
     d.table(["Benchmark", "Measure", "Value", "Target", "Machine", "Created"],
-            [[b.name, h.measure, f"{h.value:.3g}{h.unit if h.unit in ('x', '%') else ''}",
+            # Percentages near 100 keep four digits: 99.98% must not print as 100%.
+            [[b.name, h.measure, f"{h.value:.{4 if h.unit == '%' else 3}g}{h.unit if h.unit in ('x', '%') else ''}",
               "–" if h.target is None else f"{'≥' if h.higher_is_better else '≤'} {h.target:g}"
               + (" ✓" if h.met else " ✗"), machine_text(b.machine), b.created[:10]]
              for b in benchmarks for h in b.headline])
