@@ -7,10 +7,6 @@ rotating order round after round (this machine is noisy: the median of the round
   the eval's Table 5 figure), and the evaluation engine at `--eval-batch`;
 * **llama.cpp** (where `llama_cpp` is importable, e.g. `.venv-gguf/bin/python`): each variant exported to GGUF
   by `taskprune export` in f32 and q8_0, batch-1 greedy decode steps after the prompt's prefill.
-* **vLLM** (where `vllm` is importable, `.venv-vllm/bin/python`): the `--backend vllm` engine's batch-1
-  figure (`VllmBackend.tokens_per_second`, prefill included as for HF's). One vLLM engine is held at a
-  time (each reserves its own KV cache), so its variants run one after another, each for all rounds,
-  not interleaved like the other columns.
 
 Each speed-up is over the unpruned model in the same column, and is printed beside the ideal: the
 weight bytes read per decoded token, unpruned over pruned (every parameter but the input embedding; a
@@ -20,7 +16,6 @@ Usage::
 
     python benchmarks/pruned_speedup.py                          # packaged 0.5B coder, 10/20/35%
     .venv-gguf/bin/python benchmarks/pruned_speedup.py --json runs/speedup.json   # with llama.cpp columns
-    .venv-vllm/bin/python benchmarks/pruned_speedup.py --json runs/speedup-vllm.json   # with a vLLM column
 """
 
 from __future__ import annotations
@@ -38,7 +33,7 @@ from taskprune.evaluate.generate import generate
 from taskprune.evaluate.resources import decode_tokens_per_second
 from taskprune.evaluate.runner import chat_prompt
 from taskprune.evaluate.tasks import get_task
-from taskprune.models import LoadedModel, load_model
+from taskprune.models import load_model
 from taskprune.plan import make_plan
 from taskprune.report.speed import Headline, write_benchmark
 from taskprune.surgery import parameter_count, prune_model, save_pruned
@@ -138,26 +133,10 @@ def main() -> int:
                 for name in order:
                     target = name if column.startswith("llama.cpp") else variants[name]
                     speeds[column][name].append(measure(target))
-    try:
-        from taskprune.evaluate.vllm_engine import VllmBackend, vllm_module
-        vllm_module()
-    except ValueError:
-        print("vllm is not importable here: no vLLM column (run with .venv-vllm/bin/python for one)")
-    else:
-        speeds["vllm batch 1"] = {}
-        for name, model in variants.items():
-            engine = VllmBackend(LoadedModel(model, lm.tokenizer, lm.adapter, {"spec": name}),
-                                 Path(work.name) / "vllm", progress=False)
-            try:
-                engine.tokens_per_second(prompts[:1], 8)  # warm-up (and the engine's start)
-                speeds["vllm batch 1"][name] = [engine.tokens_per_second(prompts, args.new_tokens)
-                                                for _ in range(args.rounds)]
-            finally:
-                engine.close()
     results = []
     print(f"model {args.model}, dtype {next(lm.model.parameters()).dtype}, threads {torch.get_num_threads()}, "
           f"{args.prompts} HumanEval prompts, {args.new_tokens} new tokens, median of {args.rounds} rounds")
-    for column in speeds:
+    for column in columns:
         base = statistics.median(speeds[column]["unpruned"])
         print(f"{column}: unpruned {base:.1f} tokens/s")
         for name in names[1:]:
@@ -174,7 +153,7 @@ def main() -> int:
         # The issue's target (issue 14 item 4): >= 0.8 of the ideal gain at batch 1 on a CPU.
         headline = [Headline(f"{column}: share of the ideal gain, mean over {len(names) - 1} ratios",
                              statistics.mean(r["share_of_ideal"] for r in results if r["column"] == column),
-                             0.8 if column == "hf batch 1" else None, "share") for column in speeds]
+                             0.8 if column == "hf batch 1" else None, "share") for column in columns]
         write_benchmark(args.json, "pruned_speedup", headline, results)
     work.cleanup()
     return 0
