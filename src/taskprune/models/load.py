@@ -199,11 +199,27 @@ def convert_gguf(parts: list[Path], out_dir: Path) -> Path:
     return out_dir
 
 
+_SAMPLE_BYTES = 1 << 20
+
+
+def _content_key(parts: list[Path]) -> str:
+    """A fingerprint of the GGUF parts' content: each part's size and 1 MiB from its start, middle and end.
+
+    Not their paths or times, so every clone or virtualenv that installs the same packages shares one
+    converted copy (a path-based key left one multi-GB copy per fresh clone in the cache)."""
+    h = hashlib.sha256()
+    for part in parts:
+        size = part.stat().st_size
+        h.update(f"{size}:".encode())
+        with open(part, "rb") as f:
+            for offset in sorted({0, max(size // 2 - _SAMPLE_BYTES // 2, 0), max(size - _SAMPLE_BYTES, 0)}):
+                f.seek(offset)
+                h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:12]
+
+
 def _gguf_cache_dir(parts: list[Path], cache_dir: Path, label: str) -> Path:
-    key = hashlib.sha256(
-        json.dumps([[str(p.resolve()), p.stat().st_size, int(p.stat().st_mtime)] for p in parts]).encode()
-    ).hexdigest()[:12]
-    return cache_dir / "models" / f"{label}-{key}"
+    return cache_dir / "models" / f"{label}-{_content_key(parts)}"
 
 
 def hub_offline() -> bool:
