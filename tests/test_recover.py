@@ -150,6 +150,36 @@ def test_merge_equals_unmerged_adapter(arch):
     torch.testing.assert_close(got, unmerged, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_train_step_equals_the_loss_over_every_position(arch):
+    """Logits only at supervised positions give the loss and gradients of the full vocab-wide logits."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(5)
+    # Different prompt lengths, so the micro-batch keeps positions that are supervised in one row only.
+    batch = [TrainExample(str(i), torch.randint(0, 256, (n,), generator=gen).tolist(),
+                          [-100] * p + torch.randint(0, 256, (n - p,), generator=gen).tolist())
+             for i, (n, p) in enumerate([(12, 4), (15, 9), (9, 2), (14, 11)])]
+    loss = _train_step(model, batch, TINY, 256, "cpu")
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    n_tokens = sum(ex.n_response for ex in batch)
+    expected = 0.0
+    for i in range(0, len(batch), TINY.micro_batch_size):
+        t = collate(sorted(batch, key=lambda ex: len(ex.input_ids))[i:i + TINY.micro_batch_size], 256)
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits[:, :-1].float()
+        part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t["labels"][:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum") / n_tokens
+        part.backward()
+        expected += part.item()
+    assert loss == pytest.approx(expected, rel=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_recovered_checkpoint_reloads_at_pruned_width(full_run, base):
     from peft import PeftModel
 

@@ -464,9 +464,12 @@ def _train_step(model, batch: list[TrainExample], cfg: RecoveryConfig, pad_id: i
     total = 0.0
     for i in range(0, len(share), cfg.micro_batch_size):
         t = {k: v.to(device) for k, v in collate(share[i:i + cfg.micro_batch_size], pad_id).items()}
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
-        logits = logits[:, :-1].float()
-        labels = t["labels"][:, 1:]
+        # Logits only where some row of the micro-batch is supervised (the next token is a response token):
+        # the prompt's positions never reach the loss, and vocab-wide logits there are most of the memory.
+        cols = (t["labels"][:, 1:] != -100).any(0).nonzero().squeeze(1)
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False,
+                       logits_to_keep=cols).logits.float()
+        labels = t["labels"][:, cols + 1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100, reduction="sum") / n_tokens
         loss.backward()

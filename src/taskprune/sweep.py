@@ -271,13 +271,12 @@ class Variants:
         self.log(f"== {job.label}" + (f" (LoRA recovery, preset {cfg.recovery.preset})" if job.recovered else ""))
         plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
                                     cell.seed, model=lm.model, adapter=lm.adapter)
-        params_before = parameter_count(lm.model)
-        model = prune_model(lm.model if in_place else copy.deepcopy(lm.model), lm.adapter, plan)
         if job.recovered:
-            yield from self.recover_variant(lm, cell, plan, model, params_before, job.tasks)
-        else:
-            variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
-            yield from self.evaluate_variant(variant_lm, job.name, cell, plan.exact_ratio, False, job.tasks)
+            yield from self.recover_variant(lm, cell, plan, in_place, job.tasks)
+            return
+        model = _pruned(lm, plan, in_place)
+        variant_lm = LoadedModel(model, lm.tokenizer, lm.adapter, {**lm.source, "path": None})
+        yield from self.evaluate_variant(variant_lm, job.name, cell, plan.exact_ratio, False, job.tasks)
 
     def _settings(self, first: bool) -> EvalSettings:
         """The study's evaluation settings; the batch-1 speed is measured with a variant's first task only."""
@@ -330,17 +329,22 @@ class Variants:
                 tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
                 config_hash=self.cfg.hash()), items
 
-    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, model, params_before: int,
+    def recover_variant(self, lm: LoadedModel, cell: Cell, plan, in_place: bool,
                         tasks: tuple[str, ...]) -> Iterator[Stored]:
+        """Prune to a checkpoint (unless one is saved), recover it with LoRA from there and evaluate it; the
+        pruned model is dropped once saved, so the recovery's memory is the unpruned model and its own."""
         from taskprune.recover import recover
         variant = cell.name(recovered=True)
         ckpt = self.dir / "checkpoints"
         pruned_dir, rec_dir = ckpt / cell.name(), ckpt / variant
         if not (rec_dir / "config.json").is_file():
             if not (pruned_dir / "config.json").is_file():
+                params_before = parameter_count(lm.model)
+                model = _pruned(lm, plan, in_place)
                 save_pruned(model, lm.tokenizer, pruned_dir, {
                     "source_model": lm.source, "scorer": cell.scorer, "plan": plan.to_dict(),
                     "parameters": {"before": params_before, "after": parameter_count(model)}}, overwrite=True)
+                del model
             r = self.cfg.recovery
             recover(str(pruned_dir), r.preset, rec_dir, r.config(), data=r.data, data_dir=self.data_dir,
                     dtype=self.cfg.dtype, overwrite=True, progress=self.progress)
@@ -349,6 +353,11 @@ class Variants:
         if not self.keep:
             shutil.rmtree(pruned_dir, ignore_errors=True)
             shutil.rmtree(rec_dir, ignore_errors=True)
+
+
+def _pruned(lm: LoadedModel, plan, in_place: bool):
+    """`lm`'s model pruned by `plan`: the model itself (`in_place`, a worker's own copy) or a copy of it."""
+    return prune_model(lm.model if in_place else copy.deepcopy(lm.model), lm.adapter, plan)
 
 
 def run_study(cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
