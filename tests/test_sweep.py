@@ -164,6 +164,22 @@ def test_a_first_variant_that_is_not_in_the_grid_is_refused_before_anything_is_w
     assert not (tmp_path / "run").exists()
 
 
+def test_run_first_puts_variants_ahead_of_the_configs_own_and_resumes_the_same_study(tiny_dir, tmp_path, capsys):
+    cfg = load_config(_config(tmp_path, tiny_dir, first=["random-r0.5-s42"]))
+    names = [cell.name(recovered) for cell, recovered in sweep.work(cfg, ("selective-selectivity-r0.5",))]
+    assert names == ["selective-selectivity-r0.5", "random-r0.5-s42", "selective-selectivity-r0.25",
+                     "selective-selectivity-r0.25-rec", "random-r0.25-s42"]
+    run_dir = tmp_path / "run"
+    sweep.Study(cfg, run_dir, progress=False).start()  # a study begun in the config's order
+    again = sweep.Study(cfg, run_dir, progress=False, first=("random-r0.25-s42",))
+    assert again.resuming and again.work[0][0].name() == "random-r0.25-s42"
+
+    other = tmp_path / "other"
+    assert main(["run", str(_config(tmp_path, tiny_dir)), "--out", str(other), "--first", "random-r0.5-s33"]) == 2
+    assert "--first: random-r0.5-s33 is not a variant of this study" in capsys.readouterr().err
+    assert not other.exists()
+
+
 def test_an_older_results_database_gains_the_kind_and_metric_columns(tmp_path):
     from taskprune.results import SCHEMA, ResultRow, ResultStore
     db = tmp_path / "results.sqlite"

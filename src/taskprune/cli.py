@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", action="append", default=None, help="evaluate only these of the config's tasks in "
                    "this run (comma-separated), e.g. a held-out task for every cell first; a later run without "
                    "--tasks fills in the rest")
+    p.add_argument("--first", action="append", default=None, metavar="VARIANTS",
+                   help="run these variants (comma-separated names as in the report, e.g. reverse-selectivity-r0.2) "
+                   "before the config's own `first` list in this run; the order is not part of the study's "
+                   "identity, so a study resumes under any order")
     p.add_argument("--executor", choices=EXECUTORS, default="local", help="where the jobs run: local (this process, "
                    "one after another; the default) or ray (each job a Ray task with the config's resources; needs "
                    "pip install 'taskprune[ray]')")

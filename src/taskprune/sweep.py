@@ -70,18 +70,19 @@ def recovers(cfg: StudyConfig, cell: Cell) -> bool:
     return r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios)
 
 
-def work(cfg: StudyConfig) -> list[tuple[Cell, bool]]:
-    """Every variant as (cell, recovered): `cfg.first` in its order, then the rest in grid order
-    (each cell, then its recovery)."""
+def work(cfg: StudyConfig, first: tuple[str, ...] = ()) -> list[tuple[Cell, bool]]:
+    """Every variant as (cell, recovered): `first` (this run's order, `taskprune run --first`), then
+    `cfg.first`, each in its order, then the rest in grid order (each cell, then its recovery)."""
     grid = [(cell, recovered) for cell in cells(cfg) for recovered in (False, True)
             if not recovered or recovers(cfg, cell)]
     by_name = {cell.name(recovered): (cell, recovered) for cell, recovered in grid}
-    unknown = [name for name in cfg.first if name not in by_name]
-    if unknown:
-        raise ConfigError(f"first: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a variant of "
-                          f"this study; its variants are {', '.join(by_name)}")
-    first = [by_name[name] for name in dict.fromkeys(cfg.first)]
-    return first + [w for w in grid if w not in first]
+    for where, names in (("--first", first), ("first", cfg.first)):
+        unknown = [name for name in names if name not in by_name]
+        if unknown:
+            raise ConfigError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a variant "
+                              f"of this study; its variants are {', '.join(by_name)}")
+    ahead = [by_name[name] for name in dict.fromkeys(first + cfg.first)]
+    return ahead + [w for w in grid if w not in ahead]
 
 
 def _eval_key(cfg: StudyConfig) -> str:
@@ -110,7 +111,7 @@ class Study:
     driver: it plans the jobs and is the only writer of `results.sqlite`; an executor runs the jobs."""
 
     def __init__(self, cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
-                 data_dir: str | None = None, tasks: tuple[str, ...] | None = None):
+                 data_dir: str | None = None, tasks: tuple[str, ...] | None = None, first: tuple[str, ...] = ()):
         self.cfg, self.dir = cfg, Path(run_dir)
         unknown = [t for t in tasks or () if t not in cfg.evaluation.tasks]
         if unknown:
@@ -119,7 +120,7 @@ class Study:
         require_backend(cfg.evaluation.backend)  # llama.cpp missing: say so before the first variant, not after it
         # This invocation's tasks (a subset run now, the rest by a later run); the config's order is kept.
         self.tasks = tuple(t for t in cfg.evaluation.tasks if tasks is None or t in tasks)
-        self.work = work(cfg)  # checks `first` before anything is written
+        self.work = work(cfg, first)  # checks both `first`s before anything is written; not the study's identity
         self.resuming = self._check_dir()
         d_ff = model_d_ff(cfg.model)  # no weights loaded; None where only loading the model can tell
         if d_ff is not None:
@@ -362,5 +363,5 @@ def _pruned(lm: LoadedModel, plan, in_place: bool):
 
 def run_study(cfg: StudyConfig, run_dir: Path, keep_checkpoints: bool = False, progress: bool = True,
               data_dir: str | None = None, tasks: tuple[str, ...] | None = None,
-              executor: Executor | None = None) -> Path:
-    return Study(cfg, run_dir, keep_checkpoints, progress, data_dir, tasks).run(executor)
+              executor: Executor | None = None, first: tuple[str, ...] = ()) -> Path:
+    return Study(cfg, run_dir, keep_checkpoints, progress, data_dir, tasks, first).run(executor)
