@@ -39,7 +39,7 @@ class SetStats:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, layers: int, d_ff: int, token_stats: bool = True) -> "SetStats":
+    def zeros(cls, layers: int, d_ff: int, token_stats: bool) -> "SetStats":
         z = lambda: torch.zeros(layers, d_ff, dtype=torch.float64)  # noqa: E731
         return cls(0, z(), z(), 0, z() if token_stats else None, z() if token_stats else None)
 

@@ -15,7 +15,6 @@ builds it into .venv-gguf with taskprune, and `.venv-gguf/bin/taskprune` runs th
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from taskprune.cache import keep_recent
 from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, decode_greedy, eos_token_ids
 from taskprune.models import LoadedModel, weights_fingerprint
 
@@ -67,9 +67,7 @@ def cached_gguf(lm: LoadedModel, cache_dir: Path, progress: bool = True) -> Path
             lm.model.save_pretrained(tmp)
             lm.tokenizer.save_pretrained(tmp)
             write_gguf(Path(tmp), path, quant, progress=progress)
-    os.utime(path)  # most recently used
-    for old in sorted(folder.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:]:
-        old.unlink(missing_ok=True)
+    keep_recent(path, folder.glob("*.gguf"), KEEP)
     return path
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from taskprune.cache import keep_recent
 from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, decode_greedy, eos_token_ids
 from taskprune.models import LoadedModel, weights_fingerprint
 
@@ -70,12 +71,7 @@ def model_dir(lm: LoadedModel, cache_dir: Path) -> Path:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    os.utime(target)  # most recently used
-    for old in sorted((p for p in folder.iterdir() if not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:]:
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+    keep_recent(target, (p for p in folder.iterdir() if not p.name.startswith(".")), KEEP)
     return target
 
 
