@@ -6,7 +6,12 @@ rotating order round after round (this machine is noisy: the median of the round
 * **HF**: batch-1 greedy decode with `model.generate` (`taskprune.evaluate.resources.decode_tokens_per_second`,
   the eval's Table 5 figure), and the evaluation engine at `--eval-batch`;
 * **llama.cpp** (where `llama_cpp` is importable, e.g. `.venv-gguf/bin/python`): each variant exported to GGUF
-  by `taskprune export` in f32 and q8_0, batch-1 greedy decode steps after the prompt's prefill.
+  by `taskprune export` in f32 and q8_0, batch-1 greedy decode steps after the prompt's prefill;
+* **vLLM** (where `vllm` is importable, `.venv-vllm/bin/python`): the `--backend vllm` engine's batch-1
+  figure (`VllmBackend.tokens_per_second`, prefill included as for HF's). A second vLLM engine started in
+  one process after the first was closed hung in its executor here, so each variant runs in a process of
+  its own (this script with `--vllm-child RATIO`), one after another, each for all rounds: this column's
+  variants are not interleaved like the other columns'.
 
 Each speed-up is over the unpruned model in the same column, and is printed beside the ideal: the
 weight bytes read per decoded token, unpruned over pruned (every parameter but the input embedding; a
@@ -16,13 +21,18 @@ Usage::
 
     python benchmarks/pruned_speedup.py                          # packaged 0.5B coder, 10/20/35%
     .venv-gguf/bin/python benchmarks/pruned_speedup.py --json runs/speedup.json   # with llama.cpp columns
+    .venv-vllm/bin/python benchmarks/pruned_speedup.py --json runs/speedup-vllm.json   # with a vLLM column
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +74,41 @@ def llamacpp_tokens_per_second(llm, prompt: str, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
+def _vllm_child(args, ratio: float) -> list[float]:
+    """The vLLM batch-1 figures of one variant (`ratio` 0: unpruned), one per round, from a process of its own."""
+    cmd = [sys.executable, __file__, "--vllm-child", str(ratio), "--model", args.model, "--dtype", args.dtype,
+           "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def vllm_child(args) -> int:
+    """`--vllm-child RATIO`: build that variant as `main` does, time it with vLLM, print the figures as JSON."""
+    from taskprune.evaluate.vllm_engine import VllmBackend
+    lm, prompts = _model_and_prompts(args)
+    if args.vllm_child > 0:
+        prune_model(lm.model, lm.adapter, _plan(lm, args.vllm_child))
+    with tempfile.TemporaryDirectory(prefix="pruned-speedup-vllm-") as cache:
+        engine = VllmBackend(lm, Path(cache), progress=False)
+        try:
+            engine.tokens_per_second(prompts[:1], 8)  # warm-up (and the engine's start)
+            speeds = [engine.tokens_per_second(prompts, args.new_tokens) for _ in range(args.rounds)]
+        finally:
+            engine.close()
+    print(json.dumps({"tokens_per_s": speeds}), flush=True)
+    return 0
+
+
+def _model_and_prompts(args):
+    lm = load_model(args.model, args.dtype)
+    task = get_task("humaneval")
+    return lm, [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(None, args.prompts)]
+
+
+def _plan(lm, ratio: float):
+    return make_plan(None, "random", ratio, 128, 42, shape=(len(lm.adapter.mlps(lm.model)), lm.adapter.d_ff(lm.model)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -74,15 +119,15 @@ def main() -> int:
     parser.add_argument("--eval-batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--vllm-child", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vllm_child is not None:
+        return vllm_child(args)
 
-    lm = load_model(args.model, args.dtype)
-    task = get_task("humaneval")
-    prompts = [chat_prompt(lm.tokenizer, task.user_message(ex)) for ex in task.examples(None, args.prompts)]
-    d_ff = lm.adapter.d_ff(lm.model)
+    lm, prompts = _model_and_prompts(args)
     variants, plans, ratio_of = {"unpruned": lm.model}, {"unpruned": None}, {}
     for ratio in args.ratios:
-        plan = make_plan(None, "random", ratio, 128, 42, shape=(len(lm.adapter.mlps(lm.model)), d_ff))
+        plan = _plan(lm, ratio)
         name = f"{ratio:.0%} (d_ff {plan.kept_width})"
         variants[name], plans[name] = prune_model(copy.deepcopy(lm.model), lm.adapter, plan), plan
         ratio_of[name] = ratio
@@ -133,10 +178,14 @@ def main() -> int:
                 for name in order:
                     target = name if column.startswith("llama.cpp") else variants[name]
                     speeds[column][name].append(measure(target))
+    if importlib.util.find_spec("vllm") is None:
+        print("vllm is not importable here: no vLLM column (run with .venv-vllm/bin/python for one)")
+    else:
+        speeds["vllm batch 1"] = {name: _vllm_child(args, ratio_of.get(name, 0.0)) for name in names}
     results = []
     print(f"model {args.model}, dtype {next(lm.model.parameters()).dtype}, threads {torch.get_num_threads()}, "
           f"{args.prompts} HumanEval prompts, {args.new_tokens} new tokens, median of {args.rounds} rounds")
-    for column in columns:
+    for column in speeds:
         base = statistics.median(speeds[column]["unpruned"])
         print(f"{column}: unpruned {base:.1f} tokens/s")
         for name in names[1:]:
@@ -153,7 +202,7 @@ def main() -> int:
         # The issue's target (issue 14 item 4): >= 0.8 of the ideal gain at batch 1 on a CPU.
         headline = [Headline(f"{column}: share of the ideal gain, mean over {len(names) - 1} ratios",
                              statistics.mean(r["share_of_ideal"] for r in results if r["column"] == column),
-                             0.8 if column == "hf batch 1" else None, "share") for column in columns]
+                             0.8 if column == "hf batch 1" else None, "share") for column in speeds]
         write_benchmark(args.json, "pruned_speedup", headline, results)
     work.cleanup()
     return 0
