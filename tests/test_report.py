@@ -111,10 +111,10 @@ def test_trap_table(full):
 def test_recovery_eq4(full):
     md = full[2]
     gain = (55.0 - 45.0) / 45.0 * 100  # eq. 4 by hand: 22.22...
-    assert _row(md, "selective", "humaneval: accuracy after recovery") == (
-        f"| selective | 10% | 45.0 | 55.0 | +{gain:.1f}% |")
-    # pruned accuracy 0 -> n/a, not a division error
-    assert _row(md, "reverse", "gsm8k: accuracy after recovery") == "| reverse | 10% | 0.0 | 10.0 | n/a |"
+    assert _row(md, "selective", "humaneval: accuracy after recovery").startswith(
+        f"| selective | 10% | 45.0 | 55.0 | +{gain:.1f}% | +10.0 | [")  # then its interval and verdict
+    # pruned accuracy 0 -> n/a, not a division error; gsm8k has no per-item scores here: no interval
+    assert _row(md, "reverse", "gsm8k: accuracy after recovery") == "| reverse | 10% | 0.0 | 10.0 | n/a | +10.0 | n/a | n/a |"
 
 
 def test_relative_loss_eq3(full):
@@ -331,6 +331,21 @@ def test_recovery_pairs_with_its_pruned_twin():
     assert [r.label for r in table] == ["selective", "random (seed 33)"]
     assert [v for r in table for v in (r.pruned, r.recovered)] == pytest.approx([45.0, 55.0, 20.0, 30.0])
     assert table[1].gain == pytest.approx(50.0)
+    assert table[0].ci is None and table[0].verdict is None  # no per-item scores: no interval
+
+
+def test_recovery_difference_has_a_paired_interval_over_the_items_both_answered():
+    rows = [_r("sel", "selective", 0.1, 0.2), _r("sel-rec", "selective", 0.1, 0.5, recovered=1),
+            _r("r42", "random", 0.1, 0.40, seed=42), _r("r42-rec", "random", 0.1, 0.40, seed=42, recovered=1)]
+    ids = [f"t{i}" for i in range(40)]
+    items = {"sel": {i: float(k < 8) for k, i in enumerate(ids)},  # 8/40 right
+             "sel-rec": {i: float(k < 20) for k, i in enumerate(ids)},  # the same 8 and 12 more: +30 points
+             "r42": {i: float(k % 2) for k, i in enumerate(ids)},  # 20/40, and recovery swaps which 20
+             "r42-rec": {i: float(1 - k % 2) for k, i in enumerate(ids[:-1])}}  # one item unanswered
+    sel, rnd = T.recovery_table(rows, "humaneval", items)
+    assert sel.delta == pytest.approx(30.0) and sel.n_items == 40 and sel.verdict == "better"
+    assert 5.0 < sel.ci[0] < 30.0 < sel.ci[1] < 50.0  # 12 of 40 items gained: the interval excludes 0
+    assert rnd.n_items == 39 and rnd.ci[0] < 0 < rnd.ci[1] and rnd.verdict == "not distinguishable"
 
 
 def test_layer_table():

@@ -359,13 +359,17 @@ def _recovery(d: Doc, rep: Report) -> None:
     if not rep.recovery:
         d.note("No recovered variants in this study (recovery disabled or not run yet).")
         return
-    d.p("Accuracy (%) of the recovered variants beside their pruned counterparts (the paper's Table 4), and the "
+    d.p("Accuracy (%) of the recovered variants beside their pruned counterparts (the paper's Table 4), the "
         "relative gain after recovery, eq. 4: (acc_recovered − acc_pruned) / acc_pruned × 100 "
-        "(n/a when the pruned accuracy is 0).")
+        "(n/a when the pruned accuracy is 0), and the difference in points with its paired bootstrap 95% "
+        "interval over the items both answered (as for eq. 5); recovery is called better or worse only when "
+        "the interval excludes 0.")
     for task, rows in rep.recovery.items():
-        d.table(["Variant", "Ratio", "Pruned (%)", "Recovered (%)", "Relative gain (eq. 4)"],
+        d.table(["Variant", "Ratio", "Pruned (%)", "Recovered (%)", "Relative gain (eq. 4)", "Δ (points)",
+                 "95% CI", "Verdict"],
                 [[r.label, ratio_label(r.ratio), num(r.pruned), num(r.recovered),
-                  "n/a" if r.gain is None else f"{signed(r.gain)}%"] for r in rows],
+                  "n/a" if r.gain is None else f"{signed(r.gain)}%",
+                  "n/a" if r.delta is None else signed(r.delta), ci_text(r.ci), r.verdict or "n/a"] for r in rows],
                 caption=f"{task}: accuracy after recovery")
     d.image("report-recovery.png", plots.recovery_plot(rep.recovery),
             "Accuracy before and after recovery")

@@ -385,11 +385,23 @@ class RecoveryRow:
     ratio: float
     pruned: float | None  # accuracy in %
     recovered: float | None  # accuracy in %
+    ci: tuple[float, float] | None = None  # paired bootstrap 95% interval of recovered - pruned, points
+    n_items: int = 0
 
     @property
     def gain(self) -> float | None:
         """Eq. 4 in % (None = n/a)."""
         return relative_gain(self.pruned, self.recovered)
+
+    @property
+    def delta(self) -> float | None:
+        """Recovered - pruned accuracy in points."""
+        return None if self.pruned is None or self.recovered is None else self.recovered - self.pruned
+
+    @property
+    def verdict(self) -> str | None:
+        """Recovery "better", "worse" or "not distinguishable" than the pruned model; None without an interval."""
+        return interval_verdict(self.ci)
 
 
 def _same_cell(a: dict, b: dict) -> bool:
@@ -397,8 +409,9 @@ def _same_cell(a: dict, b: dict) -> bool:
             and a.get("seed") == b.get("seed") and rkey(a["ratio_nominal"]) == rkey(b["ratio_nominal"]))
 
 
-def recovery_table(rows: list[dict], task: str) -> list[RecoveryRow]:
-    """Each recovered variant of `task` beside its pruned (unrecovered) counterpart."""
+def recovery_table(rows: list[dict], task: str, items: dict[str, dict[str, float]] | None = None) -> list[RecoveryRow]:
+    """Each recovered variant of `task` beside its pruned (unrecovered) counterpart, with the paired
+    bootstrap interval of their difference where `items` (``{variant: {item_id: score}}``) has both."""
     several = len(scorers(rows)) > 1
     pruned = [r for r in rows if not is_baseline(r) and not r["recovered"]]
     out = []
@@ -410,8 +423,13 @@ def recovery_table(rows: list[dict], task: str) -> list[RecoveryRow]:
             label = f"random (seed {r.get('seed')})"
         else:
             label = strategy_label(r["strategy"], r.get("scorer"), [], several)
-        out.append(RecoveryRow(label, r["strategy"], r.get("scorer"), r.get("seed"), rkey(r["ratio_nominal"]),
-                               percent(twin.get("accuracy")) if twin else None, percent(r["accuracy"])))
+        row = RecoveryRow(label, r["strategy"], r.get("scorer"), r.get("seed"), rkey(r["ratio_nominal"]),
+                          percent(twin.get("accuracy")) if twin else None, percent(r["accuracy"]))
+        boot = paired_bootstrap((items or {}).get(r["variant"], {}), (items or {}).get(twin["variant"], {})) \
+            if twin else None
+        if boot is not None:
+            row.ci, row.n_items = (boot[1], boot[2]), boot[3]
+        out.append(row)
     order = _order((x.strategy for x in out), STRATEGY_ORDER)
     return sorted(out, key=lambda x: (x.ratio, order.index(x.strategy), x.label))
 
@@ -455,14 +473,20 @@ class Comparison:
     @property
     def verdict(self) -> str | None:
         """"better", "worse", "not distinguishable", or None without an interval."""
-        if self.ci is None:
-            return None
-        lo, hi = self.ci
-        if lo > 0:
-            return "better"
-        if hi < 0:
-            return "worse"
-        return "not distinguishable"
+        return interval_verdict(self.ci)
+
+
+def interval_verdict(ci: tuple[float, float] | None) -> str | None:
+    """"better" or "worse" when a 95% interval of a difference excludes 0, else "not distinguishable";
+    None without an interval."""
+    if ci is None:
+        return None
+    lo, hi = ci
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "not distinguishable"
 
 
 def comparisons(rows: list[dict], items: dict[str, dict[str, float]], task: str) -> list[Comparison]:
@@ -599,7 +623,7 @@ def build_report(study: Study) -> Report:
     for t in accuracy_tasks(rows):
         rep.accuracy[t] = accuracy_grid(rows, t)
         rep.loss[t] = loss_grid(rows, t)
-        rec = recovery_table(rows, t)
+        rec = recovery_table(rows, t, study.items.get(t, {}))
         if rec:
             rep.recovery[t] = rec
             rep.recovered[t] = accuracy_grid(rows, t, recovered=True)
