@@ -74,12 +74,17 @@ def llamacpp_tokens_per_second(llm, prompt: str, new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
+_CHILD_MARK = "pruned_speedup vllm figures: "
+
+
 def _vllm_child(args, ratio: float) -> list[float]:
     """The vLLM batch-1 figures of one variant (`ratio` 0: unpruned), one per round, from a process of its own."""
     cmd = [sys.executable, __file__, "--vllm-child", str(ratio), "--model", args.model, "--dtype", args.dtype,
            "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+    # vLLM also prints to stdout (at shutdown too): the figures are the line the child marked.
+    (line,) = [x for x in out.splitlines() if x.startswith(_CHILD_MARK)][-1:]
+    return json.loads(line.removeprefix(_CHILD_MARK))["tokens_per_s"]
 
 
 def vllm_child(args) -> int:
@@ -95,7 +100,7 @@ def vllm_child(args) -> int:
             speeds = [engine.tokens_per_second(prompts, args.new_tokens) for _ in range(args.rounds)]
         finally:
             engine.close()
-    print(json.dumps({"tokens_per_s": speeds}), flush=True)
+    print(_CHILD_MARK + json.dumps({"tokens_per_s": speeds}), flush=True)
     return 0
 
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import torch
 
 from taskprune.cache import keep_recent
@@ -99,6 +100,17 @@ class _Replay:
         self.rows = [self.rows[i] for i in keep]
 
 
+CPU_MEMORY_SHARE = 0.8  # of the RAM available when the engine starts
+
+
+def cpu_memory_share() -> float:
+    """vLLM's `gpu_memory_utilization` on a CPU, where it is the share of the machine's RAM the engine
+    reserves (default 0.92, refused at start whenever other processes hold more than 8%): 80% of what is
+    available now, so the engine starts beside a study or a test run."""
+    vm = psutil.virtual_memory()
+    return round(CPU_MEMORY_SHARE * vm.available / vm.total, 3)
+
+
 class VllmBackend:
     """The vLLM engine over `lm`'s weights and dtype (loaded on first use, kept for later calls), on one
     device: tensor parallelism is not offered yet (`check_width` says what it would need)."""
@@ -124,9 +136,10 @@ class VllmBackend:
             vllm = vllm_module()
             max_len = min(max(max_len, 2048), self.lm.model.config.max_position_embeddings)
             # Eager on CPUs (vLLM's compiled CPU warm-up took over 10 minutes here); CUDA graphs on GPUs.
+            on_gpu = torch.cuda.is_available()
             self._llm = vllm.LLM(model=str(model_dir(self.lm, self.cache_dir)), dtype=self.dtype,
-                                 max_model_len=max_len, max_num_seqs=batch_size,
-                                 enforce_eager=not torch.cuda.is_available(), seed=0)
+                                 max_model_len=max_len, max_num_seqs=batch_size, enforce_eager=not on_gpu,
+                                 seed=0, **({} if on_gpu else {"gpu_memory_utilization": cpu_memory_share()}))
             self._shape = (max_len, batch_size)
         return self._llm
 
