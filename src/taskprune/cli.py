@@ -24,7 +24,7 @@ from taskprune import __version__
 from taskprune.commands import (cmd_capture, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_prune, cmd_recover,
                                 cmd_report, cmd_run, cmd_score)
 from taskprune.errors import one_line, user_errors
-from taskprune.options import add_options, number
+from taskprune.options import Items, add_options, number
 from taskprune.settings import (CaptureSettings, DataDir, DataSets, EvalSettings, ExportSettings, ModelSettings,
                                 PruneSettings, RecoverySettings, ScoreSettings)
 
@@ -117,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study directory: new, empty, or this study's to resume (default runs/<config name>)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep pruned/recovered checkpoints on disk")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
-    p.add_argument("--tasks", action="append", default=None, help="evaluate only these of the config's tasks in "
+    p.add_argument("--tasks", action=Items, default=None, help="evaluate only these of the config's tasks in "
                    "this run (comma-separated), e.g. a held-out task for every cell first; a later run without "
                    "--tasks fills in the rest")
-    p.add_argument("--first", action="append", default=None, metavar="VARIANTS",
+    p.add_argument("--first", action=Items, default=None, metavar="VARIANTS",
                    help="run these variants (comma-separated names as in the report, e.g. reverse-selectivity-r0.2) "
                    "before the config's own `first` list in this run; the order is not part of the study's "
                    "identity, so a study resumes under any order")

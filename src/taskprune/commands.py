@@ -169,10 +169,8 @@ def cmd_run(args) -> int:
         from taskprune.report.reference import load_reference
         load_reference(args.reference, [])
     run_dir, start = args.out or Path("runs") / cfg.name, time.perf_counter()
-    tasks = tuple(t for value in args.tasks for t in value.split(",") if t) if args.tasks else None
-    first = tuple(v for value in args.first or () for v in value.split(",") if v)
-    run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=_data_dir(args), tasks=tasks,
-              executor=executor, first=first)
+    run_study(cfg, run_dir, keep_checkpoints=args.keep_checkpoints, data_dir=_data_dir(args),
+              tasks=tuple(args.tasks) if args.tasks else None, executor=executor, first=tuple(args.first or ()))
     if not args.no_report:
         cmd_report(argparse.Namespace(run_dir=run_dir, out=None, reference=args.reference, benchmark=[]))
     print(f"study {cfg.name} finished in {time.perf_counter() - start:.0f} s; results in {run_dir / 'results.sqlite'}")

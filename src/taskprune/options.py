@@ -222,7 +222,7 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
     return parse
 
 
-class _Items(argparse.Action):
+class Items(argparse.Action):
     """A list option: repeat it or comma-separate its values; each checked against `choices`."""
 
     def __init__(self, *args, item_choices=None, **kwargs):
@@ -296,7 +296,7 @@ def add_options(parser, cls, required: bool | tuple[str, ...] | None = None,
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif get_origin(hint) is tuple:
             _, choices = _cli_type(get_args(hint)[0])
-            kwargs.update(action=_Items, metavar=f.name.upper(), item_choices=choices or rules.get("choices"))
+            kwargs.update(action=Items, metavar=f.name.upper(), item_choices=choices or rules.get("choices"))
         else:
             kind, choices = _cli_type(hint)
             choices = choices or rules.get("choices")

@@ -412,6 +412,7 @@ def _same_cell(a: dict, b: dict) -> bool:
 def recovery_table(rows: list[dict], task: str, items: dict[str, dict[str, float]] | None = None) -> list[RecoveryRow]:
     """Each recovered variant of `task` beside its pruned (unrecovered) counterpart, with the paired
     bootstrap interval of their difference where `items` (``{variant: {item_id: score}}``) has both."""
+    items = items or {}
     several = len(scorers(rows)) > 1
     pruned = [r for r in rows if not is_baseline(r) and not r["recovered"]]
     out = []
@@ -425,8 +426,7 @@ def recovery_table(rows: list[dict], task: str, items: dict[str, dict[str, float
             label = strategy_label(r["strategy"], r.get("scorer"), [], several)
         row = RecoveryRow(label, r["strategy"], r.get("scorer"), r.get("seed"), rkey(r["ratio_nominal"]),
                           percent(twin.get("accuracy")) if twin else None, percent(r["accuracy"]))
-        boot = paired_bootstrap((items or {}).get(r["variant"], {}), (items or {}).get(twin["variant"], {})) \
-            if twin else None
+        boot = paired_bootstrap(items.get(r["variant"], {}), items.get(twin["variant"], {})) if twin else None
         if boot is not None:
             row.ci, row.n_items = (boot[1], boot[2]), boot[3]
         out.append(row)
