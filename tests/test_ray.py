@@ -24,7 +24,8 @@ from ray import cloudpickle  # noqa: E402
 from taskprune.executors import RayExecutor  # noqa: E402
 
 # Measurements of the process that ran the variant, not results.
-MEASURED = {"wall_s", "tokens_per_s_batch1", "tokens_per_s_eval", "peak_memory_bytes", "created"}
+MEASURED = {"wall_s", "tokens_per_s_batch1", "tokens_per_s_eval", "peak_memory_bytes", "peak_memory_batch1_bytes",
+            "created"}
 VARIANTS = ["base", "random-r0.25-s42", "random-r0.5-s42", "selective-selectivity-r0.25",
             "selective-selectivity-r0.25-rec", "selective-selectivity-r0.5"]
 

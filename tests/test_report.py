@@ -164,9 +164,9 @@ def test_similarity_and_resources_and_layers(full):
         "| random (mean of seeds 42, 33) [min–max] | 0.790 [0.780–0.800] | 0.655 [0.640–0.670] |")
     # resources: baseline first, then the selective variants; GiB = bytes / 2**30
     assert _row(md, "baseline", "## Resources") == (
-        f"| baseline | 0% | 494,032,768 | 100.0% | {1288490189 / 2**30:.2f} | 41.5 | 320.0 |")
+        f"| baseline | 0% | 494,032,768 | 100.0% | {1183632589 / 2**30:.2f} | {1288490189 / 2**30:.2f} | 41.5 | 320.0 |")
     assert _row(md, "selective", "## Resources") == (
-        f"| selective | 5% (4.78%) | 478,224,384 | {100 * 478224384 / 494032768:.1f}% | 1.16 | 43.0 | 330.0 |")
+        f"| selective | 5% (4.78%) | 478,224,384 | {100 * 478224384 / 494032768:.1f}% | 1.06 | 1.16 | 43.0 | 330.0 |")
     # layers.json: 4 layers, per-layer share of target-leaning neurons
     assert "| 2 | 150 | 40 | 78.9% |" in md
     assert "| all | 420 | 370 | 53.2% |" in md
@@ -380,7 +380,8 @@ def test_reference_numbers_beside_ours(tmp_path):
     assert t3a.rows[1].difference == pytest.approx(7.5) and t3a.rows[3].difference is None
     assert [(r.ratio, r.ours) for r in t4b.rows] == [(0.1, 10.0)]  # the recovered variant's traps
     assert rnd.rows[0].ours == pytest.approx((40.0 + 25.0) / 2)  # mean over the seeds
-    assert t5.rows[0].ours == pytest.approx(1288490189 / 2**30) and t5.rows[1].ours == pytest.approx(1202590843 / 2**30)
+    # Table 5 is at batch 1: the batch-1 peak, not the evaluation batch's (1288490189 and 1202590843 bytes)
+    assert t5.rows[0].ours == pytest.approx(1183632589 / 2**30) and t5.rows[1].ours == pytest.approx(1097733243 / 2**30)
     md, _ = write_report(run, tmp_path / "out", reference=ref_file)
     text = md.read_text()
     assert "## Against the paper (arXiv 0000.00000)" in text
@@ -443,8 +444,8 @@ def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
     assert back.headline[0].met is False and read_benchmark(extra).headline[0].met is True
     text = write_report(run, tmp_path / "out", benchmarks=[extra])[0].read_text()
     speed = text[text.index("## Speed"):]
-    # the 5% row: the study's selective 5% parameters share (478,224,384 of 494,032,768) and peak memory
-    assert _row(speed, "5%") == (f"| 5% | 4608 | {100 * 478224384 / 494032768:.1f}% | 1.16 | 1.040x | "
+    # the 5% row: the study's selective 5% parameters share (478,224,384 of 494,032,768) and batch-1 peak memory
+    assert _row(speed, "5%") == (f"| 5% | 4608 | {100 * 478224384 / 494032768:.1f}% | 1.06 | 1.040x | "
                                  f"1.030x (0.75) | 1.036x (0.90) |")
     assert _row(speed, "35%") == "| 35% | 3072 | – | – | 1.300x | 1.225x (0.75) | 1.270x (0.90) |"
     assert "| pruned_speedup | hf batch 1: share of the ideal gain | 0.75 | ≥ 0.8 ✗ |" in speed

@@ -133,8 +133,10 @@ def cmd_eval(args) -> int:
     r = summary["resources"]
     peak = (f"{r['peak_memory_bytes'] / 2**30:.2f} GiB (weights {r['weight_bytes'] / 2**30:.2f} + working set)"
             if r["peak_memory_bytes"] is not None else "not measurable here")
+    batch1 = ("" if r["peak_memory_batch1_bytes"] is None else
+              f" at {r['peak_memory_batch1_bytes'] / 2**30:.2f} GiB")
     print(f"parameters {r['parameters']:,}; peak memory {peak}; batch-1 decode {r['tokens_per_s_batch1'] or 0:.1f} "
-          f"tokens/s")
+          f"tokens/s{batch1}")
     print(f"per-sample records and summary.json in {args.out}")
     return 0
 

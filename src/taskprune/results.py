@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS results (
     ratio_nominal REAL NOT NULL, ratio_exact REAL NOT NULL, recovered INTEGER NOT NULL,
     n INTEGER, accuracy REAL, similarity REAL,
     trap_pct REAL, type1_pct REAL, type2_pct REAL, no_eos_pct REAL,
-    parameters INTEGER, checkpoint_bytes INTEGER, peak_memory_bytes INTEGER,
+    parameters INTEGER, checkpoint_bytes INTEGER, peak_memory_bytes INTEGER, peak_memory_batch1_bytes INTEGER,
     tokens_per_s_batch1 REAL, tokens_per_s_eval REAL,
     wall_s REAL, config_hash TEXT, created TEXT DEFAULT CURRENT_TIMESTAMP,
     kind TEXT, metric TEXT,         -- the task's kind (accuracy|similarity|multiple-choice), its headline metric
@@ -60,6 +60,7 @@ class ResultRow:
     parameters: int | None = None
     checkpoint_bytes: int | None = None
     peak_memory_bytes: int | None = None
+    peak_memory_batch1_bytes: int | None = None  # the same while decoding at batch 1 (the paper's Table 5)
     tokens_per_s_batch1: float | None = None
     tokens_per_s_eval: float | None = None
     wall_s: float | None = None
@@ -70,7 +71,7 @@ class ResultRow:
 
 COLUMNS = [f.name for f in fields(ResultRow)]
 # Columns added after the first studies were stored: an older database gets them (NULL in its old rows).
-ADDED_COLUMNS = {"kind": "TEXT", "metric": "TEXT"}
+ADDED_COLUMNS = {"kind": "TEXT", "metric": "TEXT", "peak_memory_batch1_bytes": "INTEGER"}
 
 
 class ResultsError(RuntimeError):

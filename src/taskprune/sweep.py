@@ -300,7 +300,7 @@ class Variants:
                          recovered: bool, tasks: tuple[str, ...]) -> Iterator[Stored]:
         """Evaluate `variant` on `tasks`, yielding one row per task."""
         out = self.dir / "eval" / f"{variant}-{self.eval_key}"
-        batch1 = None
+        batch1, batch1_peak = None, None  # measured with the first task only
         for i, task in enumerate(tasks):
             start = time.perf_counter()
             sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
@@ -315,6 +315,7 @@ class Variants:
                                progress=self.progress, identity=identity, data_dir=self.data_dir)
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
+            batch1_peak = res.get("peak_memory_batch1_bytes") or batch1_peak
             items = item_scores(get_task(task), out)
             yield ResultRow(
                 variant=variant, task=task, strategy=cell.strategy if cell else "none",
@@ -326,7 +327,8 @@ class Variants:
                 accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),
                 type1_pct=t.get("type1_pct"), type2_pct=t.get("type2_pct"), no_eos_pct=t.get("no_eos_pct"),
                 parameters=res["parameters"], checkpoint_bytes=res["weight_bytes"],  # weights at the evaluation dtype
-                peak_memory_bytes=res["peak_memory_bytes"], tokens_per_s_batch1=batch1,
+                peak_memory_bytes=res["peak_memory_bytes"], peak_memory_batch1_bytes=batch1_peak,
+                tokens_per_s_batch1=batch1,
                 tokens_per_s_eval=t.get("tokens_per_s"), wall_s=time.perf_counter() - start,
                 config_hash=self.cfg.hash()), items
 

@@ -331,8 +331,11 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
             ctx = EvalContext(spec, identity, summary["tasks"].get(task.name, {}), backend,
                               (references or {}).get(task.name), similarity, data_dir)
             summary["tasks"][task.name] = EVALUATORS[task.output_type](lm, task, out_dir, settings, progress, ctx)
-        batch1 = (backend.tokens_per_second(_speed_prompts(lm, tasks, settings.speed_prompts, data_dir))
-                  if settings.speed_prompts else None)
+        batch1, batch1_working = None, None
+        if settings.speed_prompts:
+            with WorkingSet(device) as ws:
+                batch1 = backend.tokens_per_second(_speed_prompts(lm, tasks, settings.speed_prompts, data_dir))
+            batch1_working = ws.peak
     finally:
         backend.close()
     working = [t["working_set_bytes"] for t in summary["tasks"].values() if t.get("working_set_bytes") is not None]
@@ -344,6 +347,8 @@ def evaluate(lm: LoadedModel, task_names: list[str], out_dir: Path, settings: Ev
         # The model's own footprint: weights plus the largest working set of its generation/scoring.
         "peak_memory_bytes": weights + max(working) if working else None,
         "peak_memory_kind": ("cuda" if device.type == "cuda" else "rss") + " weights+working_set" if working else None,
+        # The paper's Table 5 figure: the same, while decoding the batch-1 speed prompts.
+        "peak_memory_batch1_bytes": None if batch1_working is None else weights + batch1_working,
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."), "device": str(device),
         "backend": backend.name,
         "tokens_per_s_batch1": batch1,

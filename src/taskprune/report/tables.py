@@ -526,7 +526,8 @@ class ResourceRow:
     ratio: float
     ratio_exact: float | None
     parameters: int | None
-    peak_gib: float | None
+    peak_gib: float | None  # at the evaluation batch
+    peak_batch1_gib: float | None  # while decoding at batch 1 (the paper's Table 5)
     tokens_per_s_batch1: float | None
     tokens_per_s_eval: float | None
     params_vs_base: float | None = None  # % of the baseline's parameters
@@ -541,13 +542,16 @@ def resources_table(rows: list[dict]) -> list[ResourceRow]:
     """Baseline first, then one row per ratio from the selective variants (else any pruned ones).
 
     Per ratio, unrecovered rows are preferred; the values pool that variant's rows over tasks:
-    parameters and exact ratio as stored, peak memory the maximum, throughputs the mean.
+    parameters and exact ratio as stored, peak memories the maximum, throughputs the mean.
     """
     def summarise(label: str, ratio: float, chosen: list[dict]) -> ResourceRow:
         params = next((r["parameters"] for r in chosen if r.get("parameters") is not None), None)
-        peaks = [r["peak_memory_bytes"] for r in chosen if r.get("peak_memory_bytes") is not None]
+        def peak(column: str) -> float | None:
+            values = [r[column] for r in chosen if r.get(column) is not None]
+            return max(values) / 2**30 if values else None
+
         return ResourceRow(label, ratio, _mean([r.get("ratio_exact") for r in chosen]), params,
-                           max(peaks) / 2**30 if peaks else None,
+                           peak("peak_memory_bytes"), peak("peak_memory_batch1_bytes"),
                            _mean([r.get("tokens_per_s_batch1") for r in chosen]),
                            _mean([r.get("tokens_per_s_eval") for r in chosen]))
 
