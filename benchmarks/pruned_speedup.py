@@ -13,6 +13,9 @@ rotating order round after round (this machine is noisy: the median of the round
   its own (this script with `--vllm-child RATIO`), one after another, each for all rounds: this column's
   variants are not interleaved like the other columns'.
 
+Each variant's peak memory at batch 1 (HF: its weights plus what decoding the prompts added, as the
+evaluation's Table 5 figure) is measured first, on its own.
+
 Each speed-up is over the unpruned model in the same column, and is printed beside the ideal: the
 weight bytes read per decoded token, unpruned over pruned (every parameter but the input embedding; a
 tied head counts once), as `(speed-up - 1) / (ideal - 1)`, the share of the ideal gain realised.
@@ -40,10 +43,11 @@ from pathlib import Path
 import torch
 
 from taskprune.evaluate.generate import generate
-from taskprune.evaluate.resources import decode_tokens_per_second
+from taskprune.evaluate.resources import WorkingSet, decode_tokens_per_second, weight_bytes
 from taskprune.evaluate.runner import chat_prompt
 from taskprune.evaluate.tasks import get_task
 from taskprune.models import load_model
+from taskprune.models.load import input_device
 from taskprune.plan import make_plan
 from taskprune.report.speed import Headline, write_benchmark
 from taskprune.surgery import parameter_count, prune_model, save_pruned
@@ -173,7 +177,12 @@ def main() -> int:
 
     names = list(variants)
     speeds: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in columns}
+    peak: dict[str, int | None] = {}  # HF at batch 1: the weights plus what decoding added (Table 5's memory)
     with torch.inference_mode():
+        for name in names:
+            with WorkingSet(input_device(lm.model)) as ws:
+                columns["hf batch 1"](variants[name])
+            peak[name] = None if ws.peak is None else weight_bytes(variants[name]) + ws.peak
         for column, measure in columns.items():  # warm-up: first calls pay for allocation and caches
             for name in names:
                 measure(name if column.startswith("llama.cpp") else variants[name])
@@ -190,6 +199,9 @@ def main() -> int:
     results = []
     print(f"model {args.model}, dtype {next(lm.model.parameters()).dtype}, threads {torch.get_num_threads()}, "
           f"{args.prompts} HumanEval prompts, {args.new_tokens} new tokens, median of {args.rounds} rounds")
+    for name in names:
+        print(f"{name}: peak memory at batch 1 (HF) "
+              + ("not measurable here" if peak[name] is None else f"{peak[name] / 2**30:.2f} GiB"))
     for column in speeds:
         base = statistics.median(speeds[column]["unpruned"])
         print(f"{column}: unpruned {base:.1f} tokens/s")
@@ -202,7 +214,8 @@ def main() -> int:
             results.append({"column": column, "variant": name, "model": args.model, "ratio": ratio_of[name],
                             "kept_width": plans[name].kept_width, "tokens_per_s": tps,
                             "unpruned_tokens_per_s": base, "speedup": up, "ideal": ideal[name],
-                            "share_of_ideal": share})
+                            "share_of_ideal": share, "peak_memory_bytes": peak[name],
+                            "unpruned_peak_memory_bytes": peak["unpruned"]})
     if args.json:
         # The issue's target (issue 14 item 4): >= 0.8 of the ideal gain at batch 1 on a CPU.
         headline = [Headline(f"{column}: share of the ideal gain, mean over {len(names) - 1} ratios",
