@@ -1,6 +1,7 @@
 """The llama.cpp evaluation engine (`--backend llamacpp`) decodes what the transformers engine decodes: on a
 tiny seeded pruned model in f32 (the engine exports a same-dtype GGUF and keeps an f32 KV cache), its greedy
-records equal transformers' at batch 1 and with several sequences sharing one KV cache and slots refilled;
+records equal transformers' at batch 1 and with several sequences (a KV stream each) and slots refilled;
+a new row takes the lowest free sequence id, so the running ones stay consecutive (one pass of llama.cpp);
 its GGUF cache keeps the newest files only."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pytest
 from tiny import PROMPTS, pruned_checkpoint
 
 from taskprune.evaluate import llamacpp
-from taskprune.evaluate.generate import generate
+from taskprune.evaluate.generate import Row, generate
 from taskprune.evaluate.llamacpp import LlamaCppBackend
 from taskprune.models import load_model
 
@@ -44,6 +45,25 @@ def test_llamacpp_engine_equals_transformers_greedy_in_f32(tiny, tmp_path, batch
         backend.close()
     assert _fields(sorted(got, key=lambda r: r.index)) == _fields(expected)
     assert sum(r.new_tokens for r in got) > len(prompts)  # not all ended at once on EOS
+
+
+def test_a_new_row_takes_the_lowest_free_sequence(tiny, tmp_path):
+    backend = LlamaCppBackend(tiny, tmp_path, progress=False)
+    ids = [tiny.tokenizer(p, add_special_tokens=False)["input_ids"] for p in MANY[:4]]
+    decoder = backend._decoder(MANY[:4], 8, 3)
+    try:
+        first = decoder.add([Row(index=i, prompt_ids=ids[i]) for i in range(3)])
+        assert [decoder.seq[i] for i in range(3)] == [0, 1, 2] and len(first) == 3
+        for row, token in zip(decoder.rows, first):
+            row.generated.append(token)
+        decoder.keep([0, 2])  # the row in sequence 1 ends
+        (token,) = decoder.add([Row(index=3, prompt_ids=ids[3])])
+        assert decoder.seq == {0: 0, 2: 2, 3: 1}
+        decoder.rows[-1].generated.append(token)
+        assert len(decoder.step()) == 3  # one token per running row, in the rows' order
+    finally:
+        decoder.close()
+        backend.close()
 
 
 def test_gguf_cache_keeps_the_newest_exports(tiny, tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 The model is exported to a GGUF in the dtype it runs in (f32, bf16 or f16: no quantization, so the
 comparison with the transformers engine is one of engines, not of weights), once per set of weights
 (`weights_fingerprint`), into `<cache>/gguf/`, which keeps the `KEEP` most recently used files (a study
-makes one per variant). Decoding goes through llama.cpp's batch API, several sequences per decode step
-in one unified KV cache, as its `batched` example does, driven by the same greedy loop as the
+makes one per variant). Decoding goes through llama.cpp's batch API, several sequences per decode step,
+as its `batched` example does, each sequence in a KV stream of its own (`kv_unified` off: a unified cache
+makes every row attend over every other row's cells, then discards them), driven by the same greedy loop as the
 transformers engine (`taskprune.evaluate.generate.decode_greedy`): prompts are encoded and outputs
 decoded by the Hugging Face tokenizer, and the EOS ids, stop rule, early trap rule, budgets and records
 are the transformers engine's. Only the logits come from llama.cpp.
@@ -91,34 +92,41 @@ class _Model:
 
 
 class LlamaCppDecoder:
-    """`taskprune.evaluate.generate.Decoder` on llama.cpp: each running row is a sequence of one unified
-    KV cache of `n_ctx` tokens; a finished row's sequence is removed from the cache and its id reused."""
+    """`taskprune.evaluate.generate.Decoder` on llama.cpp: each running row is a sequence with a KV stream of
+    its own of `seq_ctx` tokens; a finished row's sequence is removed from the cache and its id reused.
 
-    def __init__(self, model: _Model, n_seq: int, n_ctx: int, kv_type: int, threads: int):
+    llama.cpp computes the rows of consecutive sequence ids in one pass over the weights (a ubatch) and
+    splits the rest into more passes, so entries are fed in sequence order and a new row takes the lowest
+    free id: while the batch is full every decode step is one pass."""
+
+    def __init__(self, model: _Model, n_seq: int, seq_ctx: int, kv_type: int, threads: int):
         llama = self.llama_cpp = model.llama_cpp
         self.model = model
         params = llama.llama_context_default_params()
-        params.n_ctx, params.n_batch, params.n_ubatch = n_ctx, N_BATCH, N_BATCH
-        params.n_seq_max, params.kv_unified = n_seq, True
+        params.n_ctx, params.n_batch, params.n_ubatch = n_seq * seq_ctx, N_BATCH, N_BATCH
+        params.n_seq_max, params.kv_unified = n_seq, False
         params.n_threads = params.n_threads_batch = threads
         params.type_k = params.type_v = kv_type
         params.no_perf = True
         self.ctx = llama.llama_init_from_model(model.ptr, params)
         if not self.ctx:
-            raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} tokens for {n_seq} sequences")
+            raise RuntimeError(f"llama.cpp could not make a context of {seq_ctx} tokens for each of {n_seq} "
+                               f"sequences")
         self.memory = llama.llama_get_memory(self.ctx)
         self.batch = llama.llama_batch_init(N_BATCH, 0, 1)
         self.rows: list[Row] = []
         self.seq: dict[int, int] = {}  # row index -> sequence id
-        self.free = list(range(n_seq))[::-1]
+        self.free = set(range(n_seq))
 
     def close(self) -> None:
         self.llama_cpp.llama_batch_free(self.batch)
         self.llama_cpp.llama_free(self.ctx)
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
-        """Feed (token, position, sequence, wants logits) entries; the greedy token of each that wants logits."""
-        llama, batch, out = self.llama_cpp, self.batch, []
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> dict[int, int]:
+        """Feed (token, position, sequence, wants logits) entries; the greedy token of each that wants logits,
+        by its sequence (one per sequence)."""
+        llama, batch, out = self.llama_cpp, self.batch, {}
+        entries = sorted(entries, key=lambda e: (e[2], e[1]))
         for start in range(0, len(entries), N_BATCH):
             chunk = entries[start:start + N_BATCH]
             for i, (token, pos, seq, logits) in enumerate(chunk):
@@ -128,24 +136,27 @@ class LlamaCppDecoder:
             rc = llama.llama_decode(self.ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} (1: no room in the KV cache)")
-            for i, (*_, logits) in enumerate(chunk):
+            for i, (_, _, seq, logits) in enumerate(chunk):
                 if logits:
                     row = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, i), shape=(self.model.n_vocab,))
-                    out.append(int(row.argmax()))
+                    out[seq] = int(row.argmax())
         return out
 
     def add(self, rows: list[Row]) -> list[int]:
         entries = []
         for row in rows:
-            seq = self.seq[row.index] = self.free.pop()
+            seq = self.seq[row.index] = min(self.free)
+            self.free.remove(seq)
             ids = row.prompt_ids + row.generated
             entries += [(token, pos, seq, pos == len(ids) - 1) for pos, token in enumerate(ids)]
         self.rows += rows
-        return self._decode(entries)
+        tokens = self._decode(entries)
+        return [tokens[self.seq[row.index]] for row in rows]
 
     def step(self) -> list[int]:
-        return self._decode([(row.generated[-1], len(row.prompt_ids) + len(row.generated) - 1, self.seq[row.index],
-                              True) for row in self.rows])
+        tokens = self._decode([(row.generated[-1], len(row.prompt_ids) + len(row.generated) - 1,
+                                self.seq[row.index], True) for row in self.rows])
+        return [tokens[self.seq[row.index]] for row in self.rows]
 
     def keep(self, keep: list[int]) -> None:
         kept = set(keep)
@@ -153,7 +164,7 @@ class LlamaCppDecoder:
             if i not in kept:
                 seq = self.seq.pop(row.index)
                 self.llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
-                self.free.append(seq)
+                self.free.add(seq)
         self.rows = [self.rows[i] for i in keep]
 
 
@@ -176,12 +187,11 @@ class LlamaCppBackend:
         return self._model
 
     def _decoder(self, prompts: list[str], max_new_tokens: int, batch_size: int) -> LlamaCppDecoder:
-        """A context holding `batch_size` of the longest prompts with their whole budget."""
-        lengths = sorted((len(self.lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts),
-                         reverse=True)
+        """A context of `batch_size` sequences, each holding the longest prompt with its whole budget."""
+        longest = max(len(self.lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
         n_seq = max(1, min(batch_size, len(prompts)))
-        n_ctx = sum(lengths[:n_seq]) + n_seq * max_new_tokens
-        return LlamaCppDecoder(self._loaded(), n_seq, -(-n_ctx // 256) * 256, self.kv_type, self.threads)
+        return LlamaCppDecoder(self._loaded(), n_seq, -(-(longest + max_new_tokens) // 256) * 256, self.kv_type,
+                               self.threads)
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, stop=None,
                  progress: bool = True, on_record=None, early: EarlyStop | None = None) -> list[GenerationRecord]:
