@@ -353,6 +353,14 @@ class _Processes:
 
         return broadcast_object_list([obj])[0]
 
+    def close(self) -> None:
+        """Leave the process group now: left to the interpreter's exit, gloo's threads were torn down
+        unjoined and a process could abort ("terminate called without an active exception")."""
+        if self.count > 1:
+            from accelerate import PartialState  # noqa: PLC0415
+
+            PartialState().destroy_process_group()
+
 
 def _processes(device: str | None) -> _Processes:
     """This run's processes: those of `accelerate launch` (or torchrun) when WORLD_SIZE is above 1, on
@@ -809,6 +817,7 @@ def recover(model: str, preset: str, out: Path, config: RecoveryConfig | None = 
         record = _merge_and_save(setup, adapter_state, run, train_wall, model, cache_dir, out, overwrite, started)
         shutil.rmtree(work, ignore_errors=True)
     record = procs.from_main(record)
+    procs.close()
     if progress:
         print(f"Recovered checkpoint saved to {out} ({run.step} steps, final loss {run.losses[-1]:.4f})")
     return record
