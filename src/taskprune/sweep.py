@@ -315,7 +315,7 @@ class Variants:
                                progress=self.progress, identity=identity, data_dir=self.data_dir)
             res, t = summary["resources"], summary["tasks"][task]
             batch1 = res["tokens_per_s_batch1"] or batch1
-            batch1_peak = res.get("peak_memory_batch1_bytes") or batch1_peak
+            batch1_peak = res["peak_memory_batch1_bytes"] or batch1_peak
             items = item_scores(get_task(task), out)
             yield ResultRow(
                 variant=variant, task=task, strategy=cell.strategy if cell else "none",
