@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from taskprune.capture import capture
+from taskprune.capture import SetStats, capture
 from taskprune.models import get_adapter
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
-from taskprune.profile import Profile, ProfileError, load_profile, save_profile
+from taskprune.profile import CaptureCheckpoints, Profile, ProfileError, load_profile, save_profile
 from taskprune.scoring import NEEDS_TOKEN_STATS, score
 
 TEXTS = ["Janet has 3 apples and buys 5 more.", "def add(a, b):\n    return a + b", "Hi!",
@@ -171,3 +171,106 @@ def test_token_statistics_are_captured_when_a_scorer_needs_them():
     assert settings_for(CaptureSettings(), ["selectivity", "flap"]).token_stats
     assert settings_for(CaptureSettings(token_stats=True), ["selectivity"]).token_stats
     assert settings_for(CaptureSettings(), ["taylor", "ig"]).gradients == ("ig", "taylor")
+
+
+class _Stop(Exception):
+    """Stands for the machine going away mid-capture."""
+
+
+def _stop_after(batches: int, save=None):
+    seen = []
+
+    def checkpoint(stats):
+        if save is not None:
+            save(stats)
+        seen.append(stats.n)
+        if len(seen) == batches:
+            raise _Stop
+    return checkpoint
+
+
+def _copy(stats):
+    return SetStats(stats.n, stats.sum.clone(), stats.sumsq.clone(), stats.tokens, stats.tok_sum.clone(),
+                    stats.tok_sumsq.clone(), stats.truncated, stats.per_prompt.clone())
+
+
+def test_a_stopped_capture_resumes_to_the_uninterrupted_result(setup):
+    model, tok, adapter = setup
+    kw = dict(batch_size=2, token_stats=True, keep_per_prompt=True, max_length=64, progress=False)
+    whole = capture(model, tok, TEXTS, adapter, **kw)
+    saved = []
+    with pytest.raises(_Stop):
+        capture(model, tok, TEXTS, adapter, checkpoint=_stop_after(2, lambda s: saved.append(_copy(s))), **kw)
+    assert saved[-1].n == 4 and 0 < saved[-1].tokens < whole.tokens
+    resumed = capture(model, tok, TEXTS, adapter, resume=saved[-1], **kw)
+    # The same batches in the same order: the same numbers, bit for bit.
+    for key in ("sum", "sumsq", "tok_sum", "tok_sumsq", "per_prompt"):
+        assert torch.equal(getattr(resumed, key), getattr(whole, key)), key
+    assert (resumed.n, resumed.tokens, resumed.truncated) == (whole.n, whole.tokens, whole.truncated)
+
+
+def _write_sets(tmp_path):
+    sets = {"t": TEXTS, "d1": ["hello there", "good morning", "how are you?", "fine, thanks"],
+            "d2": ["see you", "bye now", "what's up", "nothing much", "ok then"]}
+    for name, rows in sets.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return str(tmp_path / "t.jsonl"), [str(tmp_path / "d1.jsonl"), str(tmp_path / "d2.jsonl")]
+
+
+def test_a_stopped_study_capture_resumes_from_its_checkpoints(setup, tmp_path, monkeypatch):
+    import taskprune.pipeline as pipeline
+    from taskprune.models import LoadedModel
+    from taskprune.settings import CaptureSettings
+    model, tok, adapter = setup
+    lm = LoadedModel(model, tok, adapter, {"spec": "tiny"})
+    target, distractors = _write_sets(tmp_path)
+    settings = CaptureSettings(n=8, batch_size=2, template="raw", token_stats=True)
+    whole = pipeline.capture_profile(lm, target, distractors, settings, progress=False)
+
+    # Stopped in the second distractor set's second batch, saving after every batch.
+    calls = []
+    real = pipeline.capture
+
+    def stopping(*args, **kw):
+        calls.append(kw["desc"])
+        if len(calls) == 3:
+            kw["checkpoint"] = _stop_after(2, kw["checkpoint"])
+        return real(*args, **kw)
+    monkeypatch.setattr(pipeline, "capture", stopping)
+    checkpoints = CaptureCheckpoints(tmp_path / "partial", every_s=0)
+    with pytest.raises(_Stop):
+        pipeline.capture_profile(lm, target, distractors, settings, progress=False, checkpoints=checkpoints)
+    assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [
+        "set0.json", "set0.safetensors", "set1.json", "set1.safetensors", "set2.json", "set2.safetensors"]
+    assert json.loads((tmp_path / "partial" / "set2.json").read_text())["n"] == 4
+
+    # Resumed: the two finished sets are read back, the third goes on from its 4th prompt.
+    calls.clear()
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **kw: calls.append(kw["resume"] and kw["resume"].n)
+                        or real(*a, **kw))
+    resumed = pipeline.capture_profile(lm, target, distractors, settings, progress=False, checkpoints=checkpoints)
+    assert calls == [4]
+    assert resumed.meta["sets"] == whole.meta["sets"]
+    for name, s in whole.stats.items():
+        for key in ("sum", "sumsq", "tok_sum", "tok_sumsq"):
+            assert torch.equal(getattr(resumed.stats[name], key), getattr(s, key)), (name, key)
+        assert (resumed.stats[name].n, resumed.stats[name].tokens) == (s.n, s.tokens)
+
+    # Other settings (another draw of prompts) never reuse them: every set is captured afresh.
+    calls.clear()
+    pipeline.capture_profile(lm, target, distractors, CaptureSettings(n=8, batch_size=2, template="raw",
+                                                                      token_stats=True, seed=1),
+                             progress=False, checkpoints=checkpoints)
+    assert calls == [None, None, None]
+
+
+def test_a_damaged_capture_checkpoint_starts_that_set_again(setup, tmp_path):
+    model, tok, adapter = setup
+    stats = capture(model, tok, TEXTS[:3], adapter, progress=False)
+    checkpoints = CaptureCheckpoints(tmp_path / "partial")
+    checkpoints.save(0, "k", stats, complete=True)
+    loaded, complete = checkpoints.load(0, "k")
+    assert complete and torch.equal(loaded.sum, stats.sum) and loaded.n == 3
+    assert checkpoints.load(0, "other") == (None, False)  # made by other settings: stale
+    (tmp_path / "partial" / "set0.safetensors").write_bytes(b"cut short")
+    assert checkpoints.load(0, "k") == (None, False)

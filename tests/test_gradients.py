@@ -12,7 +12,7 @@ from taskprune.gradients import gradient_stats, prompt_token_lengths
 from taskprune.models import LoadedModel, get_adapter
 from taskprune.models.synthetic import byte_tokenizer, tiny_model
 from taskprune.pipeline import CaptureSettings, capture_profile
-from taskprune.profile import Profile, load_profile, save_profile
+from taskprune.profile import CaptureCheckpoints, Profile, load_profile, save_profile
 from taskprune.scoring import score
 
 TEXTS = ["Janet has 3 apples and buys 5 more.", "def add(a, b):\n    return a + b", "Hi!", "What is 12 * 7?"]
@@ -225,6 +225,14 @@ def test_capture_profile_runs_the_gradient_pass(setup, tmp_path):
     loaded = load_profile(tmp_path / "p")
     for name in ("taylor", "taylor-abs", "ig"):
         assert score(name, loaded).shape == (2, 64)
+    # A capture's checkpoints keep the gradient sums: a resumed capture reads them back with the set.
+    checkpoints = CaptureCheckpoints(tmp_path / "partial")
+    for _ in range(2):
+        again = capture_profile(lm, str(tmp_path / "t.jsonl"), [str(tmp_path / "d.jsonl")], settings,
+                                progress=False, checkpoints=checkpoints)
+        assert again.meta["capture"]["gradients"] == g
+        for key, value in target.extra.items():
+            torch.testing.assert_close(again.stats[again.target].extra[key], value)
     with pytest.raises(ValueError, match="gradient kinds"):
         capture_profile(lm, str(tmp_path / "t.jsonl"), [str(tmp_path / "d.jsonl")],
                         CaptureSettings(n=3, gradients=("nope",)), progress=False)

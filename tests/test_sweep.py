@@ -46,6 +46,8 @@ def test_study_end_to_end_with_report(tiny_dir, tmp_path, capsys):
     assert _rows(tmp_path / "run") == EXPECTED
     assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report.md").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "selective-selectivity-r0.25-rec").exists()  # deleted
+    # The capture's progress is gone once its profile is saved.
+    assert (tmp_path / "run" / "profile" / "profile.json").is_file() and not (tmp_path / "run" / "profile.partial").exists()
     # Similarity compares each variant's answers with the baseline's, never with its own.
     evals = tmp_path / "run" / "eval"
     base = {r["id"]: r["task_output"] for r in read_records(next(evals.glob("base-*")) / "squad-sim.jsonl").values()}

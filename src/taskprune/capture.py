@@ -10,7 +10,7 @@ on batch size or padding side.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,29 +122,38 @@ class _Recorder:
 @torch.inference_mode()
 def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, max_length: int = 512,
             batch_size: int = 8, keep_per_prompt: bool = False, token_stats: bool = False, padding_side: str = "right",
-            progress: bool = True, desc: str = "capture") -> SetStats:
+            progress: bool = True, desc: str = "capture", resume: SetStats | None = None,
+            checkpoint: Callable[[SetStats], None] | None = None) -> SetStats:
     """Run `texts` through `model` and return the streamed statistics of every MLP's `h`.
 
     Texts are tokenized without special tokens added (chat-formatted text carries its own), cut to
     `max_length` tokens (counted in `truncated`), and batched longest-first to limit padding.
     `token_stats` also keeps the token sums of `h` and `h^2` (for wanda-sp, flap, taskaware and
     specific-importance; two more reductions per layer).
+
+    A long capture can be resumed: `checkpoint` is called with the statistics after each batch (it
+    decides whether to save them), and `resume`, statistics so saved for the same texts and settings,
+    continues after the `resume.n` prompts they hold. The batches are the same either way, so the result
+    equals an uninterrupted capture's.
     """
     if not texts:
         raise ValueError("capture needs at least one text")
     layers, d_ff = len(adapter.mlps(model)), adapter.d_ff(model)
-    stats = SetStats.zeros(layers, d_ff, token_stats)
-    encoded, stats.truncated = encode_texts(tokenizer, texts, max_length)
+    encoded, truncated = encode_texts(tokenizer, texts, max_length)
+    stats = resume or SetStats.zeros(layers, d_ff, token_stats)
+    stats.truncated = truncated
+    if keep_per_prompt and stats.per_prompt is None:
+        stats.per_prompt = torch.zeros(len(texts), layers, d_ff)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    per_prompt = torch.zeros(len(texts), layers, d_ff) if keep_per_prompt else None
+    per_prompt = stats.per_prompt if keep_per_prompt else None
 
     recorder = _Recorder(stats, keep_per_prompt)
     device = input_device(model)
     decoder = adapter.decoder(model)  # the LM head is not needed
     pad_id = adapter.pad_id(tokenizer)
     with down_proj_hooks(model, adapter, recorder.record), \
-            tqdm(total=len(texts), desc=desc, unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
+            tqdm(total=len(texts), initial=stats.n, desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(stats.n, len(order), batch_size):
             rows = order[start:start + batch_size]
             batch = pad_batch([encoded[i] for i in rows], pad_id, padding_side).to(device)
             recorder.mask = batch.attention_mask
@@ -157,5 +166,6 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
                 per_prompt[rows] = torch.stack(recorder.batch_rows, dim=1)
             bar.update(len(rows))
             bar.set_postfix(tokens=stats.tokens)
-    stats.per_prompt = per_prompt
+            if checkpoint is not None:
+                checkpoint(stats)
     return stats

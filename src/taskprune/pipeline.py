@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,13 +14,13 @@ from torch import nn
 
 from taskprune import __version__
 from taskprune.atomic import check_replaceable
-from taskprune.capture import capture
+from taskprune.capture import SetStats, capture
 from taskprune.data import format_text, load_examples, sample
 from taskprune.gradients import check_settings, gradient_stats, prompt_token_lengths
 from taskprune.models import LoadedModel, config_hash
 from taskprune.models.load import default_cache_dir
 from taskprune.plan import Plan, make_plan, pruned_count
-from taskprune.profile import Profile, load_profile, profile_hash, save_profile
+from taskprune.profile import CaptureCheckpoints, Profile, load_profile, profile_hash, save_profile
 from taskprune.scoring import NEEDS_GRADIENTS, NEEDS_MODEL, NEEDS_TOKEN_STATS, score
 from taskprune.settings import CaptureSettings, DataSets, PruneSettings
 from taskprune.surgery import parameter_count, prune_checkpoint, prune_model, save_pruned
@@ -33,8 +34,10 @@ def settings_for(settings: CaptureSettings, scorers) -> CaptureSettings:
 
 
 def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings = CaptureSettings(),
-                    data_dir: str | Path | None = None, progress: bool = True) -> Profile:
-    """Capture target and distractor statistics on `lm` and return them as a `Profile`."""
+                    data_dir: str | Path | None = None, progress: bool = True,
+                    checkpoints: CaptureCheckpoints | None = None) -> Profile:
+    """Capture target and distractor statistics on `lm` and return them as a `Profile`; with `checkpoints`,
+    each set's progress is saved as it goes and a capture stopped before resumes from it."""
     if not distractors:
         raise ValueError("give at least one distractor data set")
     if target in distractors:
@@ -47,23 +50,22 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
     if settings.gradients:
         check_settings(settings.gradients, settings.ig_steps, settings.ig_positions)
     sets, stats, grad_meta = [], {}, None
-    for role, spec in [("target", target)] + [("distractor", d) for d in distractors]:
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    for index, (role, spec) in enumerate([("target", target)] + [("distractor", d) for d in distractors]):
         everything = load_examples(spec, data_dir)
         chosen = sample(everything, settings.n, settings.seed)
         texts = [format_text(lm.tokenizer, ex, settings.template, settings.content) for ex in chosen]
-        s = capture(lm.model, lm.tokenizer, texts, lm.adapter, max_length=settings.max_length,
-                    batch_size=settings.batch_size, keep_per_prompt=settings.keep_per_prompt,
-                    token_stats=settings.token_stats, progress=progress, desc=f"capture {role} {spec}")
+        key = hashlib.sha256(json.dumps([config_hash(lm.model.config), dtype, role, asdict(settings), texts],
+                                        default=list).encode()).hexdigest()[:16]
+        saved, complete = checkpoints.load(index, key) if checkpoints else (None, False)
+        if saved is not None and progress:
+            print(f"capture {role} {spec}: " + ("complete" if complete else f"{saved.n} of {len(texts)} prompts")
+                  + f" in {checkpoints.path}, resumed")
+        s = saved if complete else _capture_set(lm, texts, chosen, settings, role, spec, saved,
+                                                checkpoints.saver(index, key) if checkpoints else None, progress)
+        if checkpoints and not complete:
+            checkpoints.save(index, key, s, complete=True)
         if role == "target" and settings.gradients:
-            lengths = None
-            if settings.ig_positions == "answer" and "ig" in settings.gradients:
-                prompts = [format_text(lm.tokenizer, ex, settings.template, "prompt") for ex in chosen]
-                lengths = prompt_token_lengths(lm.tokenizer, texts, prompts)
-            s.extra.update(gradient_stats(
-                lm.model, lm.tokenizer, texts, lm.adapter, kinds=settings.gradients, max_length=settings.max_length,
-                batch_size=settings.grad_batch_size, max_prompts=settings.grad_prompts, ig_steps=settings.ig_steps,
-                ig_threshold=settings.ig_threshold, ig_positions=settings.ig_positions, prompt_lengths=lengths,
-                progress=progress, desc=f"gradients {spec}"))
             grad_meta = {"kinds": list(settings.gradients), "set": spec,
                          "prompts": min(len(texts), settings.grad_prompts or len(texts)),
                          "batch_size": settings.grad_batch_size, "ig_steps": settings.ig_steps,
@@ -82,7 +84,7 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         "sets": sets,
         "capture": {"n": settings.n, "seed": settings.seed, "max_length": settings.max_length,
                     "template": settings.template, "content": settings.content,
-                    "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                    "dtype": dtype,
                     "statistic": "prompt-level mean of |h| over valid tokens"
                                  + ("; token sums of h and h^2" if settings.token_stats else ""),
                     **({"gradients": grad_meta} if grad_meta else {})},
@@ -90,6 +92,26 @@ def capture_profile(lm: LoadedModel, target: str, distractors: list[str], settin
         "taskprune_version": __version__,
     }
     return Profile(meta=meta, stats=stats)
+
+
+def _capture_set(lm: LoadedModel, texts: list[str], chosen: list, settings: CaptureSettings, role: str, spec: str,
+                 resume: SetStats | None, checkpoint: Callable[[SetStats], None] | None, progress: bool) -> SetStats:
+    """One data set's statistics (continuing `resume`), with the target's gradient passes."""
+    s = capture(lm.model, lm.tokenizer, texts, lm.adapter, max_length=settings.max_length,
+                batch_size=settings.batch_size, keep_per_prompt=settings.keep_per_prompt,
+                token_stats=settings.token_stats, progress=progress, desc=f"capture {role} {spec}", resume=resume,
+                checkpoint=checkpoint)
+    if role == "target" and settings.gradients:
+        lengths = None
+        if settings.ig_positions == "answer" and "ig" in settings.gradients:
+            prompts = [format_text(lm.tokenizer, ex, settings.template, "prompt") for ex in chosen]
+            lengths = prompt_token_lengths(lm.tokenizer, texts, prompts)
+        s.extra.update(gradient_stats(
+            lm.model, lm.tokenizer, texts, lm.adapter, kinds=settings.gradients, max_length=settings.max_length,
+            batch_size=settings.grad_batch_size, max_prompts=settings.grad_prompts, ig_steps=settings.ig_steps,
+            ig_threshold=settings.ig_threshold, ig_positions=settings.ig_positions, prompt_lengths=lengths,
+            progress=progress, desc=f"gradients {spec}"))
+    return s
 
 
 def cached_profile(lm: LoadedModel, target: str, distractors: list[str], settings: CaptureSettings,

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +181,65 @@ def load_profile(path: Path) -> Profile:
                                **{k: tensors[f"{name}/{k}"] if k in keys else None
                                   for k in _TENSORS + _TOKEN_TENSORS})
     return Profile(meta=meta, stats=stats)
+
+
+class CaptureCheckpoints:
+    """A capture's progress on disk, so that a capture stopped part-way resumes where it was (a study's
+    capture on a CPU takes hours): per data set, `set{i}.safetensors` holds the statistics of the prompts
+    done so far and `set{i}.json` their counts, whether the set is complete, and the key of what made
+    them (model, dtype, settings and the texts themselves). Statistics with another key are stale and
+    never resumed. A set in progress is saved at most every `every_s` seconds; a finished one at once.
+    """
+
+    def __init__(self, path: Path, every_s: float = 300.0):
+        self.path, self.every_s = Path(path), every_s
+
+    def _files(self, index: int) -> tuple[Path, Path]:
+        return self.path / f"set{index}.safetensors", self.path / f"set{index}.json"
+
+    def load(self, index: int, key: str) -> tuple[SetStats | None, bool]:
+        """The saved statistics of set `index` made under `key` (None where there are none, or stale ones),
+        and whether the set was complete."""
+        tensors_file, meta_file = self._files(index)
+        try:
+            meta = json.loads(meta_file.read_text())
+            if not isinstance(meta, dict) or meta.get("key") != key:
+                return None, False
+            tensors = load_file(tensors_file)
+            stats = SetStats(n=meta["n"], tokens=meta["tokens"], truncated=meta["truncated"],
+                             sum=tensors["sum"], sumsq=tensors["sumsq"], tok_sum=tensors.get("tok_sum"),
+                             tok_sumsq=tensors.get("tok_sumsq"), per_prompt=tensors.get("per_prompt"),
+                             extra={k[len(_EXTRA) + 1:]: v for k, v in tensors.items()
+                                    if k.startswith(_EXTRA + "/")})
+            return stats, bool(meta["complete"])
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            return None, False  # missing, or a save cut short: that set starts again
+
+    def save(self, index: int, key: str, stats: SetStats, complete: bool) -> None:
+        tensors = {k: getattr(stats, k) for k in _TENSORS + _TOKEN_TENSORS + ("per_prompt",)
+                   if getattr(stats, k) is not None}
+        tensors.update({f"{_EXTRA}/{k}": v for k, v in stats.extra.items()})
+        tensors_file, meta_file = self._files(index)
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_file.unlink(missing_ok=True)  # no stale pair while the tensors are replaced
+        tmp = tensors_file.with_name(tensors_file.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        tmp.replace(tensors_file)
+        meta = {"key": key, "n": stats.n, "tokens": stats.tokens, "truncated": stats.truncated, "complete": complete}
+        tmp = meta_file.with_name(meta_file.name + ".tmp")
+        tmp.write_text(json.dumps(meta) + "\n")
+        tmp.replace(meta_file)
+
+    def saver(self, index: int, key: str) -> Callable[[SetStats], None]:
+        """A `capture(checkpoint=...)` callback that saves set `index` every `every_s` seconds."""
+        last = time.monotonic()
+
+        def save(stats: SetStats) -> None:
+            nonlocal last
+            if time.monotonic() - last >= self.every_s:
+                self.save(index, key, stats, complete=False)
+                last = time.monotonic()
+        return save
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

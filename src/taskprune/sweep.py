@@ -35,7 +35,7 @@ from taskprune.options import settings_hash
 from taskprune.pipeline import capture_profile, plan_from_profile, settings_for
 from taskprune.evaluate.backends import require_backend
 from taskprune.settings import EvalSettings
-from taskprune.profile import load_profile, save_profile
+from taskprune.profile import CaptureCheckpoints, load_profile, save_profile
 from taskprune.results import ResultRow, ResultsError, ResultStore
 from taskprune.scoring import score
 from taskprune.surgery import parameter_count, prune_model, save_pruned
@@ -251,9 +251,13 @@ class Variants:
             profile.check_model(config_hash(lm.model.config), where=str(path))
             self.log(f"reusing profile {path}")
         else:
+            # Its progress is kept beside it (committed with a study's results), so a capture stopped on one
+            # machine resumes on the next.
+            partial = CaptureCheckpoints(self.dir / "profile.partial")
             profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
-                                      progress=self.progress)
+                                      progress=self.progress, checkpoints=partial)
             save_profile(profile, path)
+            partial.remove()
         layers_file = self.dir / "layers.json"
         if not layers_file.is_file():
             sel = score("selectivity", profile)
