@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from taskprune.evaluate.backends import TorchBackend
-from taskprune.evaluate.batching import auto_batch_size
+from taskprune.evaluate.batching import CACHE_FILE, auto_batch_size
 from taskprune.evaluate.runner import chat_prompt
 from taskprune.evaluate.tasks import get_task
 from taskprune.models import input_device, load_model
@@ -46,7 +46,7 @@ def main() -> None:
         chosen = auto_batch_size(backend, lm, input_device(lm.model), prompts[:8], longest + args.max_new_tokens,
                                  Path(cache))
         probe_s = time.perf_counter() - start
-        speeds = next(iter(json.loads((Path(cache) / "batch-sizes.json").read_text()).values()))["tokens_per_s"]
+        speeds = next(iter(json.loads((Path(cache) / CACHE_FILE).read_text()).values()))["tokens_per_s"]
     print(f"model {args.model}, dtype {lm.model.dtype}; auto chose batch {chosen} in {probe_s:.0f} s "
           f"(tokens/s by batch: {speeds})", flush=True)
 

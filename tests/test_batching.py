@@ -27,13 +27,13 @@ class ScriptedEngine:
 
     name = "scripted"
 
-    def __init__(self, clock: Clock, flat: int):
-        self.clock, self.flat, self.calls = clock, flat, []
+    def __init__(self, clock: Clock, flat: int, prefill: float = 0.2):
+        self.clock, self.flat, self.prefill, self.calls = clock, flat, prefill, []
 
     def generate(self, prompts, max_new_tokens, *, batch_size=8, progress=True, **_):
         self.calls.append(batch_size)
         step = 0.1 * max(1.0, batch_size / self.flat)
-        self.clock.now += 0.2 * len(prompts) + max_new_tokens * step
+        self.clock.now += self.prefill * len(prompts) + max_new_tokens * step
         return [GenerationRecord(i, p, "x", max_new_tokens, False, "budget", 0.0) for i, p in enumerate(prompts)]
 
 
@@ -42,15 +42,32 @@ def lm():
     return LoadedModel(tiny_model("qwen2"), byte_tokenizer(), get_adapter("qwen2"), {"spec": "tiny"})
 
 
-@pytest.mark.parametrize("flat,expected", [(1, 1), (8, 8), (16, 16)])
-def test_doubling_stops_where_the_decode_step_stops_being_free(monkeypatch, flat, expected):
+# prefill 3.0 a prompt: a CPU without fast matrix units, where 16 decode steps cost less than one prefill
+@pytest.mark.parametrize("flat,expected,prefill", [(1, 1, 0.2), (8, 8, 0.2), (16, 16, 0.2), (8, 8, 3.0)])
+def test_doubling_stops_where_the_decode_step_stops_being_free(monkeypatch, flat, expected, prefill):
     clock = Clock()
     monkeypatch.setattr(batching.time, "perf_counter", clock)
-    engine = ScriptedEngine(clock, flat)
+    engine = ScriptedEngine(clock, flat, prefill)
     speeds = batching.measure(engine, ["a", "b", "c"], cap=64)
     assert batching.best(speeds) == expected
-    assert max(speeds) <= 2 * expected  # it stopped one doubling past the best, not at 64
-    assert engine.calls[0] == 1 and engine.calls[1:] == list(speeds)  # warm-up, then each size once
+    assert max(speeds) <= 4 * expected  # it stopped two doublings past the best, not at 64
+    assert speeds[1] == pytest.approx(10.0)  # decode alone: one token a 0.1 step, whatever the prefill
+    # warm-up, then each size twice (its prefill alone, then with the decode)
+    assert engine.calls[0] == 1 and engine.calls[1:] == [b for b in speeds for _ in range(2)]
+
+
+def test_one_batch_that_gains_nothing_does_not_stop_the_doubling(monkeypatch):
+    """As torch's CPU kernels on an AVX2 machine: batch 2 decoded no faster than 1, batch 4 twice as fast."""
+    class Dip(ScriptedEngine):
+        def generate(self, prompts, max_new_tokens, *, batch_size=8, **kw):
+            records = super().generate(prompts, max_new_tokens, batch_size=batch_size, **kw)
+            if batch_size == 2:
+                self.clock.now += max_new_tokens * 0.1  # a step as slow as two steps of batch 1
+            return records
+    clock = Clock()
+    monkeypatch.setattr(batching.time, "perf_counter", clock)
+    speeds = batching.measure(Dip(clock, 8), ["a"], cap=64)
+    assert speeds[2] == pytest.approx(speeds[1]) and batching.best(speeds) == 8
 
 
 def test_memory_caps_the_batch(lm, monkeypatch):
@@ -76,7 +93,7 @@ def test_measured_once_per_machine_engine_and_architecture(lm, monkeypatch, tmp_
     pruned = LoadedModel(tiny_model("qwen2", d_ff=128), lm.tokenizer, lm.adapter, {"spec": "p"})
     assert batching.auto_batch_size(engine, pruned, None, ["a"], 64, tmp_path) == 4
     assert len(engine.calls) == measured  # a pruned variant reuses its model's measurement
-    known = json.loads((tmp_path / "batch-sizes.json").read_text())
+    known = json.loads((tmp_path / batching.CACHE_FILE).read_text())
     assert [v["batch_size"] for v in known.values()] == [4]
     monkeypatch.setattr(batching, "free_memory", lambda device: 2 * batching.kv_bytes_per_token(lm) * 64 * 2)
     assert batching.auto_batch_size(engine, lm, None, ["a"], 64, tmp_path) == 2  # less memory free now
@@ -88,7 +105,7 @@ def test_an_engine_that_schedules_its_own_batch_is_not_measured(lm, tmp_path):
     engine = ScriptedEngine(Clock(), 4)
     engine.schedules_batch = 256
     assert batching.auto_batch_size(engine, lm, None, ["a"], 64, tmp_path, progress=False) == 256
-    assert engine.calls == [] and not (tmp_path / "batch-sizes.json").exists()
+    assert engine.calls == [] and not (tmp_path / batching.CACHE_FILE).exists()
 
 
 def test_auto_on_the_command_line_and_in_a_config():
@@ -115,9 +132,9 @@ def test_evaluate_with_auto_gives_the_records_of_a_fixed_batch(lm, data_dir, tmp
                     progress=False, data_dir=data_dir, cache_dir=tmp_path / "cache")
     assert "batch_size" not in fixed and isinstance(auto["batch_size"], int) and auto["batch_size"] >= 1
     assert auto["settings"]["batch_size"] == "auto"
-    assert (tmp_path / "cache" / "batch-sizes.json").is_file()
+    assert (tmp_path / "cache" / batching.CACHE_FILE).is_file()
     a, b = (read_records(tmp_path / d / "gsm8k.jsonl") for d in ("fixed", "auto"))
     assert {i: r["output"] for i, r in a.items()} == {i: r["output"] for i, r in b.items()}  # fp32 tiny model
     mc = evaluate(lm, ["mc:arc-easy"], tmp_path / "mc", EvalSettings(tasks=("mc:arc-easy",), limit=2,
                   speed_prompts=0, batch_size="auto"), progress=False, data_dir=data_dir, cache_dir=tmp_path / "c2")
-    assert mc["batch_size"] == 8 and not (tmp_path / "c2" / "batch-sizes.json").exists()  # nothing to measure
+    assert mc["batch_size"] == 8 and not (tmp_path / "c2" / batching.CACHE_FILE).exists()  # nothing to measure

@@ -4,15 +4,15 @@ On a CPU a decode step reads every weight once whatever the batch, so a bigger b
 until the step turns compute-bound; on a GPU the same holds much further. Where that turn lies
 depends on the device, the model's size and dtype, and the engine, so it is measured: the engine
 decodes `PROBE_TOKENS` tokens for 1, 2, 4, ... of the task's own prompts at once and the doubling
-stops when tokens/s gains less than `MIN_GAIN` (the smallest batch within it of the fastest is
-taken), or where the KV cache of a full batch (longest
-prompt plus the token budget per row) would not fit in half the free memory. Each prompt's prefill
-is paid once whatever the batch, so tokens/s of prefill plus decode peaks where decode alone does.
+stops when decode tokens/s gained less than `MIN_GAIN` twice in a row (the smallest batch within it of the fastest
+is taken), or where the KV cache of a full batch (longest prompt plus the token budget per row)
+would not fit in half the free memory. Each prompt's prefill is paid once whatever the batch, so it
+is timed apart and left out: the evaluation's throughput peaks where decode alone does.
 
 An engine that schedules its batch by its own KV-cache memory (vLLM) says so with a
 `schedules_batch` attribute, the concurrency it then takes, and is not measured.
 
-The choice is remembered in `<cache>/batch-sizes.json` per machine, engine, architecture without
+The choice is remembered in `<cache>/batch-sizes-2.json` (2: decode timed without the prefill) per machine, engine, architecture without
 its MLP width (a pruned variant decodes at the batch its unpruned model chose) and dtype, so a
 study measures once. Outputs do not depend on the batch in fp32; in bf16 only in the last bits
 (see taskprune.evaluate.generate), which is why the batch size is not part of any records key.
@@ -32,8 +32,11 @@ from taskprune.models import LoadedModel, config_hash
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 PROBE_TOKENS = 16
-MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5%
+MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5% ...
+PATIENCE = 2  # ... in one of the last two doublings (torch's CPU kernels decoded batch 2 no faster than 1, batch 4
+# twice as fast)
 MEMORY_SHARE = 0.5  # of the free memory, for the KV cache of a full batch
+CACHE_FILE = "batch-sizes-2.json"  # 2: measured without the prefill (choices made with it are not reused)
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -56,17 +59,32 @@ def memory_cap(lm: LoadedModel, device: torch.device, tokens_per_row: int) -> in
     return max(1, int(free_memory(device) * MEMORY_SHARE) // (kv_bytes_per_token(lm) * max(1, tokens_per_row)))
 
 
+def _timed(backend, batch: list[str], new_tokens: int) -> tuple[float, int]:
+    start = time.perf_counter()
+    records = backend.generate(batch, new_tokens, batch_size=len(batch), progress=False)
+    return time.perf_counter() - start, sum(r.new_tokens for r in records)
+
+
 def measure(backend, prompts: list[str], cap: int) -> dict[int, float]:
-    """Useful tokens/s of `backend` decoding `PROBE_TOKENS` tokens for each candidate batch of `prompts`
-    (repeated where fewer), doubling while it pays and the batch stays within `cap`."""
+    """Decode tokens/s of `backend` at each candidate batch of `prompts` (repeated where fewer), doubling
+    while it pays and the batch stays within `cap`.
+
+    Each batch is generated for one token (its prefill) and for `1 + PROBE_TOKENS`; the difference is the
+    decode's time. The prefill is the same work at any batch size, and on a CPU without fast matrix units
+    it is most of a short probe: timed together (as before), batch 2 looked barely faster than batch 1 on a
+    2-core AVX2 machine where batch 8 decoded 4.6x faster. The doubling stops after `PATIENCE` doublings
+    in a row without gain."""
     speeds: dict[int, float] = {}
     backend.generate(prompts[:1], 2, batch_size=1, progress=False)  # warm-up
+    stalled = 0  # doublings in a row that gained less than MIN_GAIN
     for size in (c for c in CANDIDATES if c <= cap):
         batch = [prompts[i % len(prompts)] for i in range(size)]
-        start = time.perf_counter()
-        records = backend.generate(batch, PROBE_TOKENS, batch_size=size, progress=False)
-        speeds[size] = sum(r.new_tokens for r in records) / (time.perf_counter() - start)
-        if len(speeds) > 1 and speeds[size] < MIN_GAIN * max(s for b, s in speeds.items() if b < size):
+        prefill_s, prefill_tokens = _timed(backend, batch, 1)
+        total_s, tokens = _timed(backend, batch, 1 + PROBE_TOKENS)
+        best_before = max(speeds.values(), default=0.0)
+        speeds[size] = (tokens - prefill_tokens) / max(total_s - prefill_s, 1e-9)
+        stalled = stalled + 1 if speeds[size] < MIN_GAIN * best_before else 0
+        if stalled == PATIENCE:
             break
     return speeds
 
@@ -95,7 +113,7 @@ def auto_batch_size(backend, lm: LoadedModel, device: torch.device, prompts: lis
     arch = config_hash(type(lm.model.config).from_dict(config))
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     key = f"{m.get('cpu')}|{m.get('gpu')}|{m.get('threads')}|{backend.name}|{arch}|{dtype}"
-    path = Path(cache_dir) / "batch-sizes.json"
+    path = Path(cache_dir) / CACHE_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
     cap = memory_cap(lm, device, tokens_per_row)
     if key not in known:
