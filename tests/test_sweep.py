@@ -42,8 +42,10 @@ EXPECTED = sorted([(v, t, int(v.endswith("-rec"))) for v in
 def test_study_end_to_end_with_report(tiny_dir, tmp_path, capsys):
     cfg_path = _config(tmp_path, tiny_dir)
     code = main(["run", str(cfg_path), "--out", str(tmp_path / "run")])
-    assert code == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert code == 0, err
     assert _rows(tmp_path / "run") == EXPECTED
+    assert "-- 1/" in out and "min left at that pace" in out  # progress after each variant
     assert (tmp_path / "run" / "report.html").is_file() and (tmp_path / "run" / "report.md").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "selective-selectivity-r0.25-rec").exists()  # deleted
     # The capture's progress is gone once its profile is saved.
@@ -138,7 +140,7 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
 
 # Each committed config's study hash and evaluation key, as computed before the settings objects were
 # unified (issue 16): a study directory made then, such as results/paper-code-1.5b, must still resume.
-CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("da2ddab58fd7", "dd1739be"),
+CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("8899eb3d297e", "3a89f09a"),
                  "paper-code-1.5b-cpu": ("f52c8ae1daf2", "04acacd9"), "paper-code-1.5b": ("9e9e9c7d2d8b", "04acacd9"),
                  "paper-code-1.5b-product": ("218b5486a3a7", "f2e1dc14"),
                  "paper-code-7b": ("b0d1d359a28f", "04acacd9"), "paper-math-1.5b": ("25481d6a8d7b", "6cfba91f"),
@@ -223,3 +225,9 @@ def test_resources_are_not_part_of_a_studys_identity(tiny_dir, tmp_path):
     assert other.hash() != plain.hash()
     with pytest.raises(ConfigError, match="resources.num_gpus: -1.0 is below the minimum 0"):
         load_config(_config(tmp_path, tiny_dir, resources={"num_gpus": -1}))
+
+
+def test_a_study_says_how_long_it_has_taken_and_how_long_is_left():
+    from taskprune.executors import time_left
+    assert time_left(600.0, 2, 6) == "-- 2/6 variants in 10.0 min; about 20 min left at that pace"
+    assert time_left(90.0, 3, 3) == "-- 3/3 variants in 1.5 min"

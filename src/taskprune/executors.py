@@ -16,6 +16,7 @@ only writer of `results.sqlite`; an executor runs them and hands each task's row
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Protocol
 
 from taskprune.config import check_model_fits
@@ -45,10 +46,18 @@ class LocalExecutor:
         check_model_fits(cfg, lm.adapter.d_ff(lm.model))  # before anything is written
         study.start()
         profile = study.variants.profile(lm)
-        for stage in study.stages():
-            for job in stage:
-                for stored in study.variants.rows(job, lm, profile):
-                    study.put(stored)
+        jobs = [job for stage in study.stages() for job in stage]
+        start = time.perf_counter()
+        for k, job in enumerate(jobs, 1):
+            for stored in study.variants.rows(job, lm, profile):
+                study.put(stored)
+            study.variants.log(time_left(time.perf_counter() - start, k, len(jobs)))
+
+
+def time_left(elapsed_s: float, done: int, total: int) -> str:
+    """A progress line after `done` of `total` jobs: the time so far and, at its mean a job, the time left."""
+    left = "" if done == total else f"; about {elapsed_s / done * (total - done) / 60:.0f} min left at that pace"
+    return f"-- {done}/{total} variants in {elapsed_s / 60:.1f} min{left}"
 
 
 def _on_worker(variants: Variants, job: Job | None) -> list[Stored]:

@@ -32,6 +32,7 @@ from taskprune.models import LoadedModel, config_hash
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 PROBE_TOKENS = 16
+PROBE_PROMPT_CHARS = 128  # the end of each prompt, about 30 tokens: a short prefill, the answer's start kept
 MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5% ...
 PATIENCE = 2  # ... in one of the last two doublings (torch's CPU kernels decoded batch 2 no faster than 1, batch 4
 # twice as fast)
@@ -69,16 +70,17 @@ def measure(backend, prompts: list[str], cap: int) -> dict[int, float]:
     """Decode tokens/s of `backend` at each candidate batch of `prompts` (repeated where fewer), doubling
     while it pays and the batch stays within `cap`.
 
-    Each batch is generated for one token (its prefill) and for `1 + PROBE_TOKENS`; the difference is the
-    decode's time. The prefill is the same work at any batch size, and on a CPU without fast matrix units
-    it is most of a short probe: timed together (as before), batch 2 looked barely faster than batch 1 on a
-    2-core AVX2 machine where batch 8 decoded 4.6x faster. The doubling stops after `PATIENCE` doublings
-    in a row without gain."""
+    The prefill is the same work at any batch size, and on a CPU without fast matrix units it was most of
+    a short probe: timed together with the decode, batch 2 looked barely faster than batch 1 on a 2-core
+    AVX2 machine where batch 8 decoded 4.6x faster. So the prompts are cut to their last
+    `PROBE_PROMPT_CHARS` characters (the chat template's answer prefix stays), each batch is generated for
+    one token (its prefill) and for `1 + PROBE_TOKENS`, and the difference is the decode's time. The
+    doubling stops after `PATIENCE` doublings in a row without gain."""
     speeds: dict[int, float] = {}
     backend.generate(prompts[:1], 2, batch_size=1, progress=False)  # warm-up
     stalled = 0  # doublings in a row that gained less than MIN_GAIN
     for size in (c for c in CANDIDATES if c <= cap):
-        batch = [prompts[i % len(prompts)] for i in range(size)]
+        batch = [prompts[i % len(prompts)][-PROBE_PROMPT_CHARS:] for i in range(size)]
         prefill_s, prefill_tokens = _timed(backend, batch, 1)
         total_s, tokens = _timed(backend, batch, 1 + PROBE_TOKENS)
         best_before = max(speeds.values(), default=0.0)
