@@ -140,7 +140,7 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
 
 # Each committed config's study hash and evaluation key, as computed before the settings objects were
 # unified (issue 16): a study directory made then, such as results/paper-code-1.5b, must still resume.
-CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("8899eb3d297e", "3a89f09a"),
+CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("a7c0216c77c4", "6f215148"),
                  "paper-code-1.5b-cpu": ("f52c8ae1daf2", "04acacd9"), "paper-code-1.5b": ("9e9e9c7d2d8b", "04acacd9"),
                  "paper-code-1.5b-product": ("218b5486a3a7", "f2e1dc14"),
                  "paper-code-7b": ("b0d1d359a28f", "04acacd9"), "paper-math-1.5b": ("25481d6a8d7b", "6cfba91f"),

@@ -1,5 +1,6 @@
 """llama.cpp reads taskprune's GGUF exports: tiny seeded pruned models of every exported architecture and,
-marked slow, the packaged Qwen2.5-Coder-0.5B pruned 10% at random. In f32 llama.cpp's logits match
+marked slow, the packaged Qwen2.5-Coder-0.5B pruned 10% at random (its f32 greedy tokens, and its q8_0
+export's HumanEval pass@1 against the f32 export's). In f32 llama.cpp's logits match
 transformers' on the checkpoint and its greedy tokens equal transformers' greedy tokens; llama.cpp's
 tokenizer, built from the GGUF's vocabulary, merges and pre-tokenizer type, tokenizes the chat-formatted
 prompts as the Hugging Face tokenizer does."""
@@ -139,19 +140,23 @@ def test_q4_k_m_through_llamacpps_quantizer_keeps_the_taskprune_keys(tiny_checkp
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.slow
-def test_packaged_coder_pruned_10pct_random_in_llamacpp_matches_transformers(tmp_path):
-    """qwen2.5-coder-0.5b (d_ff 4864 -> 4352 at 10%, align 128), f32: identical greedy tokens on 3 prompts."""
+def _pruned_coder(out: Path) -> Path:
+    """qwen2.5-coder-0.5b pruned 10% at random (seed 42; d_ff 4864 -> 4352, align 128), saved to `out`."""
     from taskprune.models import load_model
     from taskprune.pipeline import prune_and_save
     from taskprune.plan import make_plan
     lm = load_model("qwen2.5-coder-0.5b", dtype="float32", device="cpu")
     layers, d_ff = len(lm.adapter.mlps(lm.model)), lm.adapter.d_ff(lm.model)
     plan = make_plan(None, "random", 0.1, 128, 42, shape=(layers, d_ff))
-    prune_and_save(lm, plan, tmp_path / "pruned", "selectivity")
-    del lm
-    ckpt = tmp_path / "pruned"
-    assert json.loads((ckpt / "config.json").read_text())["intermediate_size"] == plan.kept_width == 4352
+    prune_and_save(lm, plan, out, "selectivity")
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == plan.kept_width == 4352
+    return out
+
+
+@pytest.mark.slow
+def test_packaged_coder_pruned_10pct_random_in_llamacpp_matches_transformers(tmp_path):
+    """qwen2.5-coder-0.5b (d_ff 4864 -> 4352 at 10%, align 128), f32: identical greedy tokens on 3 prompts."""
+    ckpt = _pruned_coder(tmp_path / "pruned")
     prompts = ["Write a Python function that returns the n-th Fibonacci number.",
                "def is_palindrome(s: str) -> bool:\n    \"\"\"Return True if s reads the same backwards.\"\"\"",
                "What is 17 * 23? Answer with the number."]
@@ -160,3 +165,31 @@ def test_packaged_coder_pruned_10pct_random_in_llamacpp_matches_transformers(tmp
     assert all(result["same_tokenization"]), result
     assert result["llama.cpp"] == result["hf"], result
     assert result["gap"] < 1e-2, result
+
+
+@pytest.mark.slow
+def test_packaged_coder_q8_0_export_keeps_humaneval_pass_at_1(tmp_path, monkeypatch):
+    """The pruned coder's q8_0 export, decoded by llama.cpp, scores HumanEval pass@1 on the first 20 problems
+    within 2 points of its f32 export (one problem is 5 points: the same count). Both run through the
+    llama.cpp engine (`--backend llamacpp`), handed the exported file in place of its own f32 export."""
+    from taskprune.evaluate import llamacpp
+    from taskprune.evaluate.runner import evaluate
+    from taskprune.models import load_model
+    from taskprune.settings import EvalSettings
+    ckpt = _pruned_coder(tmp_path / "pruned")
+    lm = load_model(str(ckpt), dtype="float32", device="cpu")
+    settings = EvalSettings(tasks=("humaneval",), limit=20, batch_size=16, trap_budget=0, speed_prompts=0,
+                            backend="llamacpp")
+    accuracy, outputs = {}, {}
+    for quant in ("f32", "q8_0"):
+        gguf = _export(ckpt, tmp_path / f"coder-{quant}.gguf", quant)
+        monkeypatch.setattr(llamacpp, "cached_gguf", lambda *args, gguf=gguf, **kw: gguf)
+        summary = evaluate(lm, ["humaneval"], tmp_path / f"eval-{quant}", settings, progress=False)
+        accuracy[quant] = summary["tasks"]["humaneval"]["accuracy"]
+        records = (tmp_path / f"eval-{quant}" / "humaneval.jsonl").read_text().splitlines()
+        outputs[quant] = [json.loads(line)["output"] for line in records]
+    same = sum(a == b for a, b in zip(outputs["f32"], outputs["q8_0"]))
+    print(f"HumanEval first 20, llama.cpp: pass@1 f32 {accuracy['f32']:.3f}, q8_0 {accuracy['q8_0']:.3f}; "
+          f"{same}/20 outputs identical")
+    assert len(outputs["f32"]) == len(outputs["q8_0"]) == 20
+    assert abs(accuracy["q8_0"] - accuracy["f32"]) <= 0.02
