@@ -145,7 +145,6 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
     if keep_per_prompt and stats.per_prompt is None:
         stats.per_prompt = torch.zeros(len(texts), layers, d_ff)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    per_prompt = stats.per_prompt if keep_per_prompt else None
 
     recorder = _Recorder(stats, keep_per_prompt)
     device = input_device(model)
@@ -162,8 +161,8 @@ def capture(model: nn.Module, tokenizer, texts: list[str], adapter: MLPAdapter, 
                     position_ids=batch.position_ids, use_cache=False)
             stats.n += len(rows)
             stats.tokens += int(batch.attention_mask.sum())
-            if per_prompt is not None:
-                per_prompt[rows] = torch.stack(recorder.batch_rows, dim=1)
+            if keep_per_prompt:
+                stats.per_prompt[rows] = torch.stack(recorder.batch_rows, dim=1)
             bar.update(len(rows))
             bar.set_postfix(tokens=stats.tokens)
             if checkpoint is not None:

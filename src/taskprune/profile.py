@@ -82,10 +82,7 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
     with atomic_dir(path, overwrite, kind="profile") as tmp:
         tensors, per_prompt = {}, {}
         for name, s in profile.stats.items():
-            for key in _TENSORS + (_TOKEN_TENSORS if token_stats else ()):
-                tensors[f"{name}/{key}"] = getattr(s, key).contiguous()
-            for key, value in s.extra.items():
-                tensors[f"{name}/{_EXTRA}/{key}"] = value.contiguous()
+            tensors.update({f"{name}/{key}": value for key, value in _set_tensors(s, token_stats).items()})
             if s.per_prompt is not None:
                 per_prompt[name] = s.per_prompt.contiguous()
         save_file(tensors, tmp / "stats.safetensors")
@@ -98,6 +95,19 @@ def save_profile(profile: Profile, path: Path, overwrite: bool = False) -> Path:
         (tmp / "profile.json").write_text(json.dumps(meta, indent=2) + "\n")
     profile.meta = meta
     return Path(path)
+
+
+def _set_tensors(s: SetStats, token_stats: bool) -> dict[str, torch.Tensor]:
+    """One set's tensors by their stored key: the sums, the token sums where kept, extras under `extra/`."""
+    tensors = {key: getattr(s, key) for key in _TENSORS + (_TOKEN_TENSORS if token_stats else ())}
+    tensors.update({f"{_EXTRA}/{key}": value for key, value in s.extra.items()})
+    return {key: value.contiguous() for key, value in tensors.items()}
+
+
+def _extras(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The extras stored under `{prefix}extra/`, by their own key."""
+    start = f"{prefix}{_EXTRA}/"
+    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
 
 
 _JSON_KIND = {dict: "an object", list: "a list", int: "an integer", str: "a string"}
@@ -174,10 +184,8 @@ def load_profile(path: Path) -> Profile:
         if name in per_prompt and tuple(per_prompt[name].shape) != (c["n"], *shape):
             raise ProfileError(f"{path / 'per_prompt.safetensors'}: {name} has shape {tuple(per_prompt[name].shape)}, "
                                f"expected {(c['n'], *shape)}; capture the profile again")
-        prefix = f"{name}/{_EXTRA}/"
-        extra = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         stats[name] = SetStats(n=c["n"], tokens=c["tokens"], truncated=c["truncated"],
-                               per_prompt=per_prompt.get(name), extra=extra,
+                               per_prompt=per_prompt.get(name), extra=_extras(tensors, f"{name}/"),
                                **{k: tensors[f"{name}/{k}"] if k in keys else None
                                   for k in _TENSORS + _TOKEN_TENSORS})
     return Profile(meta=meta, stats=stats)
@@ -209,21 +217,20 @@ class CaptureCheckpoints:
             stats = SetStats(n=meta["n"], tokens=meta["tokens"], truncated=meta["truncated"],
                              sum=tensors["sum"], sumsq=tensors["sumsq"], tok_sum=tensors.get("tok_sum"),
                              tok_sumsq=tensors.get("tok_sumsq"), per_prompt=tensors.get("per_prompt"),
-                             extra={k[len(_EXTRA) + 1:]: v for k, v in tensors.items()
-                                    if k.startswith(_EXTRA + "/")})
+                             extra=_extras(tensors))
             return stats, bool(meta["complete"])
         except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return None, False  # missing, or a save cut short: that set starts again
 
     def save(self, index: int, key: str, stats: SetStats, complete: bool) -> None:
-        tensors = {k: getattr(stats, k) for k in _TENSORS + _TOKEN_TENSORS + ("per_prompt",)
-                   if getattr(stats, k) is not None}
-        tensors.update({f"{_EXTRA}/{k}": v for k, v in stats.extra.items()})
+        tensors = _set_tensors(stats, stats.has_token_stats)
+        if stats.per_prompt is not None:
+            tensors["per_prompt"] = stats.per_prompt.contiguous()
         tensors_file, meta_file = self._files(index)
         self.path.mkdir(parents=True, exist_ok=True)
         meta_file.unlink(missing_ok=True)  # no stale pair while the tensors are replaced
         tmp = tensors_file.with_name(tensors_file.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        save_file(tensors, tmp)
         tmp.replace(tensors_file)
         meta = {"key": key, "n": stats.n, "tokens": stats.tokens, "truncated": stats.truncated, "complete": complete}
         tmp = meta_file.with_name(meta_file.name + ".tmp")
