@@ -452,3 +452,30 @@ def test_speed_section_shows_benchmarks_beside_the_study(tmp_path, monkeypatch):
     assert "| surgery_memory | peak RSS / largest shard | 1.6x | ≤ 2.15 ✓ |" in speed
     assert "| surgery_memory | verdicts equal | 99.98% | ≥ 99 ✓ |" in speed  # not rounded up to 100%
     assert "## Speed" not in write_report(BUILD.build(tmp_path / "bare"), tmp_path / "bare-out")[0].read_text()
+
+
+def test_two_capture_contents_are_kept_apart_like_two_scorers():
+    def cap(row, content):
+        return {**row, "capture": f"chat/{content}"}
+
+    both = "chat/prompt,prompt+response"  # what the baseline and random rows of such a study store
+    rows = [cap(_r("base", "none", 0.0, 0.5, scorer=None), "prompt,prompt+response"),
+            cap(_r("sel-p", "selective", 0.05, 0.2), "prompt"), cap(_r("sel-pr", "selective", 0.05, 0.45), "prompt+response"),
+            cap(_r("sel-pr-rec", "selective", 0.05, 0.5, recovered=1), "prompt+response"),
+            cap(_r("r42", "random", 0.05, 0.3, seed=42), "prompt,prompt+response")]
+    rows = T.by_capture(rows)
+    assert rows[-1]["capture"] == both and rows[-1]["scorer"] is None  # random rows keep no scorer
+    g = T.accuracy_grid(rows, "humaneval")
+    assert [r.label for r in g.rows] == ["selective (selectivity, prompt)", "selective (selectivity, prompt+response)",
+                                         "random (seed 42)"]
+    assert [g.rows[i].cells[0.05].value for i in range(3)] == pytest.approx([20.0, 45.0, 30.0])
+    assert [r.label for r in T.scorer_grid(rows, "humaneval").rows][:2] == ["selectivity, prompt",
+                                                                             "selectivity, prompt+response"]
+    comps = {(c.a, c.b): c.delta for c in T.comparisons(rows, {}, "humaneval")}
+    assert comps == pytest.approx({("selective (selectivity, prompt)", "random"): -10.0,
+                                   ("selective (selectivity, prompt+response)", "random"): 15.0})
+    [rec] = T.recovery_table(rows, "humaneval")  # paired with its own capture's pruned cell
+    assert (rec.label, rec.pruned, rec.recovered) == ("selective (selectivity, prompt+response)",
+                                                      pytest.approx(45.0), pytest.approx(50.0))
+    one = [cap(_r("sel", "selective", 0.05, 0.2), "prompt"), cap(_r("r42", "random", 0.05, 0.3, seed=42), "prompt")]
+    assert T.by_capture(one) == one  # one capture: scorers as stored

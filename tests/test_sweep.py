@@ -3,6 +3,7 @@
 import sqlite3
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import yaml
 
@@ -101,6 +102,39 @@ def test_task_subset_first_then_the_rest(tiny_dir, tmp_path):
     assert _rows(tmp_path / "run") == full
 
 
+def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tiny_dir, tmp_path):
+    from taskprune.profile import load_profile
+    from taskprune.report.tables import load_study
+    cfg = load_config(_config(tmp_path, tiny_dir, capture={"n": 4, "max_length": 256, "batch_size": 4,
+                                                             "content": ["prompt", "prompt+response"]},
+                              strategies=["selective", "reverse", "random"], ratios=[0.25],
+                              recovery={"enabled": True, "preset": "code", "max_examples": 4, "epochs": 1,
+                                        "strategies": ["selective"], "contents": ["prompt+response"]},
+                              evaluation={"tasks": ["mbpp"], "limit": 2, "max_new_tokens": 4, "trap_budget": 0,
+                                          "batch_size": 2, "speed_prompts": 0}))
+    names = [cell.name(rec) for cell, rec in sweep.work(cfg)]
+    assert names == ["selective-selectivity-r0.25-prompt", "selective-selectivity-r0.25-prompt+response",
+                     "selective-selectivity-r0.25-prompt+response-rec", "reverse-selectivity-r0.25-prompt",
+                     "reverse-selectivity-r0.25-prompt+response", "random-r0.25-s42"]
+    run = sweep.run_study(cfg, tmp_path / "run", progress=False)
+    for content in ("prompt", "prompt+response"):
+        assert load_profile(run / f"profile-{content}").meta["capture"]["content"] == content
+        assert not (run / f"profile-{content}.partial").exists()
+    assert not (run / "profile").exists() and (run / "layers.json").is_file()
+    # The prompt+response capture sees the reference answers too (prompts are cut at 256 tokens, after the
+    # answers), so its statistics differ.
+    sums = [(lambda p: p.stats[p.target].sum)(load_profile(run / f"profile-{c}")) for c in ("prompt", "prompt+response")]
+    assert not np.allclose(sums[0].numpy(), sums[1].numpy())
+    con = sqlite3.connect(run / "results.sqlite")
+    capture = dict(con.execute("SELECT variant, capture FROM results"))
+    assert capture == {"base": "chat/prompt,prompt+response", "random-r0.25-s42": "chat/prompt,prompt+response",
+                       **{n: f"chat/{n.split('-r0.25-')[1].removesuffix('-rec')}" for n in names if "-r0.25-p" in n}}
+    labels = {r["variant"]: r["scorer"] for r in load_study(run).rows}
+    assert labels["reverse-selectivity-r0.25-prompt+response"] == "selectivity, prompt+response"
+    from taskprune.report import write_report
+    assert "selective (selectivity, prompt+response)" in write_report(run)[0].read_text()
+
+
 def test_changed_config_needs_new_directory(tiny_dir, tmp_path):
     sweep.Study(load_config(_config(tmp_path, tiny_dir)), tmp_path / "run", progress=False).start()
     with pytest.raises(ValueError, match="another config"):
@@ -116,6 +150,12 @@ def test_bad_configs(tmp_path, tiny_dir):
         load_config(_config(tmp_path, tiny_dir, strategies=["greedy"]))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="lists a content twice"):
+        load_config(_config(tmp_path, tiny_dir, capture={"content": ["prompt", "prompt"]}))
+    with pytest.raises(ConfigError, match=r"capture.content\[1\]: unknown 'answer'"):
+        load_config(_config(tmp_path, tiny_dir, capture={"content": ["prompt", "answer"]}))
+    with pytest.raises(ConfigError, match="recovery.contents: prompt\\+response not among capture.content"):
+        load_config(_config(tmp_path, tiny_dir, recovery={"enabled": True, "contents": ["prompt+response"]}))
 
 
 def test_shipped_configs_load():
@@ -140,7 +180,7 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
 
 # Each committed config's study hash and evaluation key, as computed before the settings objects were
 # unified (issue 16): a study directory made then, such as results/paper-code-1.5b, must still resume.
-CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("a7c0216c77c4", "6f215148"),
+CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("ee63f2c016d6", "6f215148"),
                  "paper-code-1.5b-cpu": ("f52c8ae1daf2", "04acacd9"), "paper-code-1.5b": ("9e9e9c7d2d8b", "04acacd9"),
                  "paper-code-1.5b-product": ("218b5486a3a7", "f2e1dc14"),
                  "paper-code-7b": ("b0d1d359a28f", "04acacd9"), "paper-math-1.5b": ("25481d6a8d7b", "6cfba91f"),

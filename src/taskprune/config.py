@@ -5,7 +5,7 @@ commands use (`taskprune.settings`); unknown keys and bad values are errors nami
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -13,9 +13,27 @@ import yaml
 from taskprune.options import ConfigError, build, option, settings_hash
 from taskprune.plan import Strategy
 from taskprune.scoring import DEFAULT_SCORER, SCORERS
-from taskprune.settings import CaptureSettings, Dtype, EvalSettings, RecoverySettings
+from taskprune.settings import CaptureSettings, Content, Dtype, EvalSettings, RecoverySettings
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a study name is one directory name under runs/
+
+
+@dataclass(frozen=True)
+class StudyCapture(CaptureSettings):
+    """A study's capture: the `taskprune capture` settings, where `content` may list several contents to
+    compare (e.g. [prompt, prompt+response]): each is captured into a profile of its own and the scored
+    strategies (selective, reverse) get a cell per content."""
+
+    content: Content | tuple[Content, ...] = option(
+        "prompt", nonempty=True, help="prompt (the paper's), prompt+response, or a list of them to compare")
+
+    @property
+    def contents(self) -> tuple[Content, ...]:
+        return self.content if isinstance(self.content, tuple) else (self.content,)
+
+    def settings(self, content: Content) -> CaptureSettings:
+        """The one capture of `content`."""
+        return CaptureSettings(**{**{f.name: getattr(self, f.name) for f in fields(CaptureSettings)}, "content": content})
 
 
 @dataclass(frozen=True)
@@ -25,6 +43,7 @@ class RecoveryPlan(RecoverySettings):
     enabled: bool = False
     strategies: tuple[Strategy, ...] = ("selective", "random", "reverse")
     ratios: tuple[float, ...] | None = option(None, gt=0, lt=1)  # None: all ratios
+    contents: tuple[Content, ...] | None = None  # with several capture contents, whose cells (None: all)
 
 
 @dataclass(frozen=True)
@@ -54,7 +73,7 @@ class StudyConfig:
     # Variants to run first, in this order (names as in the report, e.g. selective-selectivity-r0.1,
     # random-r0.2-s42, selective-selectivity-r0.2-rec); the rest follow in grid order.
     first: tuple[str, ...] = ()
-    capture: CaptureSettings = CaptureSettings()
+    capture: StudyCapture = StudyCapture()
     recovery: RecoveryPlan = RecoveryPlan()
     evaluation: EvalSettings = EvalSettings()
     resources: Resources = Resources()
@@ -90,6 +109,9 @@ def validate(cfg: StudyConfig) -> StudyConfig:
                           f"({', '.join(cfg.evaluation.tasks)})")
     if "random" in cfg.strategies and not cfg.seeds:
         raise ConfigError("seeds: random pruning needs at least one seed")
+    contents = cfg.capture.contents
+    if len(set(contents)) < len(contents):
+        raise ConfigError(f"capture.content lists a content twice: {', '.join(contents)}")
     if cfg.target in cfg.distractors:
         raise ConfigError(f"distractors: {cfg.target!r} is also the target")
     r = cfg.recovery
@@ -98,6 +120,10 @@ def validate(cfg: StudyConfig) -> StudyConfig:
         if stray:
             raise ConfigError(f"recovery.ratios: {', '.join(map(str, stray))} not among ratios; nothing would be "
                               f"recovered there")
+        stray = [c for c in r.contents or () if c not in contents]
+        if stray:
+            raise ConfigError(f"recovery.contents: {', '.join(stray)} not among capture.content "
+                              f"({', '.join(contents)}); nothing would be recovered there")
         try:
             r.config().validate()
         except RecoveryError as err:

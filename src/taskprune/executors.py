@@ -45,11 +45,11 @@ class LocalExecutor:
         lm = load_model(cfg.model, cfg.dtype)
         check_model_fits(cfg, lm.adapter.d_ff(lm.model))  # before anything is written
         study.start()
-        profile = study.variants.profile(lm)
+        profiles = study.variants.profiles(lm)
         jobs = [job for stage in study.stages() for job in stage]
         start = time.perf_counter()
         for k, job in enumerate(jobs, 1):
-            for stored in study.variants.rows(job, lm, profile):
+            for stored in study.variants.rows(job, lm, profiles):
                 study.put(stored)
             study.variants.log(time_left(time.perf_counter() - start, k, len(jobs)))
 
@@ -62,13 +62,13 @@ def time_left(elapsed_s: float, done: int, total: int) -> str:
 
 def _on_worker(variants: Variants, job: Job | None) -> list[Stored]:
     """One job in a Ray worker: the model loaded here (on the GPU Ray gave the task, else on the CPU), the
-    study's profile captured (job None: the capture job) or read back from the study directory, then the
+    study's profiles captured (job None: the capture job) or read back from the study directory, then the
     job's variant made from this worker's own copy and evaluated; its rows go back to the driver."""
     cfg = variants.cfg
     lm = load_model(cfg.model, cfg.dtype)
     check_model_fits(cfg, lm.adapter.d_ff(lm.model))
-    profile = variants.profile(lm)
-    return [] if job is None else list(variants.rows(job, lm, profile, in_place=True))
+    profiles = variants.profiles(lm)
+    return [] if job is None else list(variants.rows(job, lm, profiles, in_place=True))
 
 
 class RayExecutor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from taskprune.data.format import Content, Template
 from taskprune.options import option
 from taskprune.plan import Strategy
 from taskprune.scoring import DEFAULT_SCORER, SCORERS
@@ -52,8 +53,8 @@ class CaptureSettings:
     n: int = option(128, min=1, help="prompts drawn per data set (default 128; the paper uses 800)")
     seed: int = option(0, flag="--data-seed", help="seed for drawing prompts")
     max_length: int = option(512, min=1, help="prompts are cut to this many tokens")
-    template: Literal["chat", "raw"] = option("chat", help="feed prompts through the chat template or as raw text")
-    content: Literal["prompt", "prompt+response"] = option(
+    template: Template = option("chat", help="feed prompts through the chat template or as raw text")
+    content: Content = option(
         "prompt", help="capture over the prompt only (the paper's) or prompt plus reference response")
     batch_size: int = option(8, min=1, help="capture batch size")
     keep_per_prompt: bool = option(False, help="also store the [prompts x layers x d_ff] matrix of prompt means "

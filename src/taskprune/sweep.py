@@ -35,7 +35,7 @@ from taskprune.options import settings_hash
 from taskprune.pipeline import capture_profile, plan_from_profile, settings_for
 from taskprune.evaluate.backends import require_backend
 from taskprune.settings import EvalSettings
-from taskprune.profile import CaptureCheckpoints, load_profile, save_profile
+from taskprune.profile import CaptureCheckpoints, Profile, load_profile, save_profile
 from taskprune.results import ResultRow, ResultsError, ResultStore
 from taskprune.scoring import score
 from taskprune.surgery import parameter_count, prune_model, save_pruned
@@ -47,27 +47,31 @@ class Cell:
     scorer: str | None  # None for random
     ratio: float
     seed: int | None  # random only
+    content: str | None = None  # its capture's content, where a study compares several (scored cells only)
 
     def name(self, recovered: bool = False) -> str:
         parts = [self.strategy] + ([self.scorer] if self.scorer else []) + [f"r{self.ratio:g}"]
         parts += [f"s{self.seed}"] if self.seed is not None else []
+        parts += [self.content] if self.content is not None else []
         return "-".join(parts) + ("-rec" if recovered else "")
 
 
 def cells(cfg: StudyConfig) -> list[Cell]:
+    contents = cfg.capture.contents if len(cfg.capture.contents) > 1 else (None,)
     out = []
     for ratio in cfg.ratios:
         for strategy in cfg.strategies:
             if strategy == "random":
                 out += [Cell("random", None, ratio, seed) for seed in cfg.seeds]
             else:
-                out += [Cell(strategy, scorer, ratio, None) for scorer in cfg.scorers]
+                out += [Cell(strategy, scorer, ratio, None, content) for content in contents for scorer in cfg.scorers]
     return out
 
 
 def recovers(cfg: StudyConfig, cell: Cell) -> bool:
     r = cfg.recovery
-    return r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios)
+    return (r.enabled and cell.strategy in r.strategies and (r.ratios is None or cell.ratio in r.ratios)
+            and (r.contents is None or cell.content is None or cell.content in r.contents))
 
 
 def work(cfg: StudyConfig, first: tuple[str, ...] = ()) -> list[tuple[Cell, bool]]:
@@ -243,37 +247,49 @@ class Variants:
         if self.progress:
             print(msg, flush=True)
 
-    def profile(self, lm: LoadedModel):
-        settings = settings_for(self.cfg.capture, self.cfg.scorers)
-        path = self.dir / "profile"
+    def profiles(self, lm: LoadedModel) -> dict[str | None, Profile]:
+        """The study's profiles, captured or read back: ``{None: profile}`` in `profile/`, or with several capture
+        contents ``{content: profile}``, each in `profile-<content>/`."""
+        contents = self.cfg.capture.contents
+        out = {}
+        for content in contents:
+            key = content if len(contents) > 1 else None
+            out[key] = self._profile(lm, content, self.dir / ("profile" if key is None else f"profile-{content}"))
+        layers_file = self.dir / "layers.json"
+        if not layers_file.is_file():  # the first capture's
+            sel = score("selectivity", next(iter(out.values())))
+            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
+                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
+        return out
+
+    def _profile(self, lm: LoadedModel, content: str, path: Path) -> Profile:
         if (path / "profile.json").is_file():
             profile = load_profile(path)
             profile.check_model(config_hash(lm.model.config), where=str(path))
             self.log(f"reusing profile {path}")
-        else:
-            # Its progress is kept beside it (committed with a study's results), so a capture stopped on one
-            # machine resumes on the next.
-            partial = CaptureCheckpoints(self.dir / "profile.partial")
-            profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
-                                      progress=self.progress, checkpoints=partial)
-            save_profile(profile, path)
-            partial.remove()
-        layers_file = self.dir / "layers.json"
-        if not layers_file.is_file():
-            sel = score("selectivity", profile)
-            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
-                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
+            return profile
+        # Its progress is kept beside it (committed with a study's results), so a capture stopped on one
+        # machine resumes on the next.
+        partial = CaptureCheckpoints(path.with_name(path.name + ".partial"))
+        settings = settings_for(self.cfg.capture.settings(content), self.cfg.scorers)
+        profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
+                                  progress=self.progress, checkpoints=partial)
+        save_profile(profile, path)
+        partial.remove()
         return profile
 
-    def rows(self, job: Job, lm: LoadedModel, profile, in_place: bool = False) -> Iterator[Stored]:
+    def rows(self, job: Job, lm: LoadedModel, profiles: dict[str | None, Profile],
+             in_place: bool = False) -> Iterator[Stored]:
         """Make `job`'s variant from the unpruned `lm` and evaluate it, yielding each task's row as it is done.
-        `in_place` prunes `lm.model` itself (a worker's own copy) instead of a copy of it."""
+        `profiles` are `self.profiles(lm)`; `in_place` prunes `lm.model` itself (a worker's own copy) instead of
+        a copy of it."""
         if job.cell is None:
             self.log(f"== {job.label}")
             yield from self.evaluate_variant(lm, "base", None, 0.0, False, job.tasks)
             return
         cell, cfg = job.cell, self.cfg
         self.log(f"== {job.label}" + (f" (LoRA recovery, preset {cfg.recovery.preset})" if job.recovered else ""))
+        profile = profiles.get(cell.content) or next(iter(profiles.values()))  # random reads none of it but shapes
         plan, _ = plan_from_profile(profile, cell.scorer or "selectivity", cell.strategy, cell.ratio, cfg.align,
                                     cell.seed, model=lm.model, adapter=lm.adapter)
         if job.recovered:
@@ -305,6 +321,7 @@ class Variants:
         """Evaluate `variant` on `tasks`, yielding one row per task."""
         out = self.dir / "eval" / f"{variant}-{self.eval_key}"
         batch1, batch1_peak = None, None  # measured with the first task only
+        contents = ",".join(self.cfg.capture.contents)  # what the baseline and random cells are beside
         for i, task in enumerate(tasks):
             start = time.perf_counter()
             sim = self._similarity() if get_task(task).output_type == SIMILARITY else None
@@ -325,7 +342,7 @@ class Variants:
                 variant=variant, task=task, strategy=cell.strategy if cell else "none",
                 ratio_nominal=cell.ratio if cell else 0.0, ratio_exact=exact_ratio, recovered=recovered,
                 model=self.cfg.model, target=self.cfg.target, distractors=",".join(self.cfg.distractors),
-                capture=f"{self.cfg.capture.template}/{self.cfg.capture.content}",
+                capture=f"{self.cfg.capture.template}/{cell.content if cell and cell.content else contents}",
                 scorer=cell.scorer if cell else None, seed=cell.seed if cell else None, n=t["n"],
                 kind=get_task(task).kind, metric=get_task(task).metric,
                 accuracy=t.get("accuracy"), similarity=t.get("similarity"), trap_pct=t.get("trap_pct"),

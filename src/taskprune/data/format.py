@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from taskprune.data.core import Example
 
-TEMPLATES = ("chat", "raw")
-CONTENTS = ("prompt", "prompt+response")
+Template = Literal["chat", "raw"]
+Content = Literal["prompt", "prompt+response"]  # what a capture runs over
+TEMPLATES, CONTENTS = get_args(Template), get_args(Content)
 
 
 def format_text(tokenizer, example: Example, template: str = "chat", content: str = "prompt") -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from taskprune.report.tables import baseline_row, percent, rkey
+from taskprune.report.tables import baseline_row, method, percent, rkey
 
 METRICS = {
     "accuracy": lambda r: percent(r.get("accuracy")),
@@ -72,8 +72,9 @@ def _table(key: str, spec: dict, rows: list[dict], task: str, where: str) -> Ref
     value = METRICS[metric]
     strategy, recovered = spec.get("strategy", "selective"), bool(spec.get("recovered", False))
     ours = [r for r in rows if r["task"] == task and r["strategy"] == strategy and bool(r["recovered"]) == recovered]
-    if any(r.get("scorer") == "selectivity" for r in ours):  # the paper's scorer, where a study has several
-        ours = [r for r in ours if r.get("scorer") == "selectivity"]
+    for paper in ("selectivity", method("selectivity", "prompt")):  # the paper's, where a study has several
+        if any(r.get("scorer") == paper for r in ours):
+            ours = [r for r in ours if r.get("scorer") == paper]
     out = []
     if "original" in spec:
         base = baseline_row(rows, task)

@@ -71,6 +71,7 @@ def load_rows(db: Path) -> tuple[list[dict], dict[str, dict[str, dict[str, float
 def load_study(run_dir: str | Path) -> Study:
     run_dir = Path(run_dir)
     rows, items = load_rows(run_dir / "results.sqlite")
+    rows = by_capture(rows)
     layers = config = None
     if (run_dir / "layers.json").is_file():
         layers = json.loads((run_dir / "layers.json").read_text())
@@ -83,6 +84,23 @@ def load_study(run_dir: str | Path) -> Study:
 
 # ---------------------------------------------------------------------------------------------
 # Small helpers
+
+
+def method(scorer: str, content: str) -> str:
+    """A scored cell's method where a study compares capture contents: its scorer on its capture."""
+    return f"{scorer}, {content}"
+
+
+def by_capture(rows: list[dict]) -> list[dict]:
+    """`rows`, where the scored (selective, reverse) rows come from more than one capture content, with each
+    such row's scorer named with its content (`method`): every table then keeps the captures apart as it keeps
+    scorers apart, and the scorer x ratio table compares them."""
+    def scored(r: dict) -> bool:
+        return not is_baseline(r) and r["strategy"] != "random" and bool(r.get("scorer")) and bool(r.get("capture"))
+
+    if len({r["capture"] for r in rows if scored(r)}) < 2:
+        return rows
+    return [{**r, "scorer": method(r["scorer"], r["capture"].split("/", 1)[-1])} if scored(r) else r for r in rows]
 
 
 def rkey(ratio: float | None) -> float:
