@@ -466,16 +466,16 @@ def test_two_capture_contents_are_kept_apart_like_two_scorers():
     rows = T.by_capture(rows)
     assert rows[-1]["capture"] == both and rows[-1]["scorer"] is None  # random rows keep no scorer
     g = T.accuracy_grid(rows, "humaneval")
-    assert [r.label for r in g.rows] == ["selective (selectivity, prompt)", "selective (selectivity, prompt+response)",
+    assert [r.label for r in g.rows] == ["selective (selectivity on prompt)", "selective (selectivity on prompt+response)",
                                          "random (seed 42)"]
     assert [g.rows[i].cells[0.05].value for i in range(3)] == pytest.approx([20.0, 45.0, 30.0])
-    assert [r.label for r in T.scorer_grid(rows, "humaneval").rows][:2] == ["selectivity, prompt",
-                                                                             "selectivity, prompt+response"]
+    assert [r.label for r in T.scorer_grid(rows, "humaneval").rows][:2] == ["selectivity on prompt",
+                                                                             "selectivity on prompt+response"]
     comps = {(c.a, c.b): c.delta for c in T.comparisons(rows, {}, "humaneval")}
-    assert comps == pytest.approx({("selective (selectivity, prompt)", "random"): -10.0,
-                                   ("selective (selectivity, prompt+response)", "random"): 15.0})
+    assert comps == pytest.approx({("selective (selectivity on prompt)", "random"): -10.0,
+                                   ("selective (selectivity on prompt+response)", "random"): 15.0})
     [rec] = T.recovery_table(rows, "humaneval")  # paired with its own capture's pruned cell
-    assert (rec.label, rec.pruned, rec.recovered) == ("selective (selectivity, prompt+response)",
+    assert (rec.label, rec.pruned, rec.recovered) == ("selective (selectivity on prompt+response)",
                                                       pytest.approx(45.0), pytest.approx(50.0))
     one = [cap(_r("sel", "selective", 0.05, 0.2), "prompt"), cap(_r("r42", "random", 0.05, 0.3, seed=42), "prompt")]
     assert T.by_capture(one) == one  # one capture: scorers as stored

@@ -130,9 +130,9 @@ def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tin
     assert capture == {"base": "chat/prompt,prompt+response", "random-r0.25-s42": "chat/prompt,prompt+response",
                        **{n: f"chat/{n.split('-r0.25-')[1].removesuffix('-rec')}" for n in names if "-r0.25-p" in n}}
     labels = {r["variant"]: r["scorer"] for r in load_study(run).rows}
-    assert labels["reverse-selectivity-r0.25-prompt+response"] == "selectivity, prompt+response"
+    assert labels["reverse-selectivity-r0.25-prompt+response"] == "selectivity on prompt+response"
     from taskprune.report import write_report
-    assert "selective (selectivity, prompt+response)" in write_report(run)[0].read_text()
+    assert "selective (selectivity on prompt+response)" in write_report(run)[0].read_text()
 
 
 def test_changed_config_needs_new_directory(tiny_dir, tmp_path):

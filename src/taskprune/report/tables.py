@@ -88,7 +88,7 @@ def load_study(run_dir: str | Path) -> Study:
 
 def method(scorer: str, content: str) -> str:
     """A scored cell's method where a study compares capture contents: its scorer on its capture."""
-    return f"{scorer}, {content}"
+    return f"{scorer} on {content}"
 
 
 def by_capture(rows: list[dict]) -> list[dict]:
