@@ -479,3 +479,12 @@ def test_two_capture_contents_are_kept_apart_like_two_scorers():
                                                       pytest.approx(45.0), pytest.approx(50.0))
     one = [cap(_r("sel", "selective", 0.05, 0.2), "prompt"), cap(_r("r42", "random", 0.05, 0.3, seed=42), "prompt")]
     assert T.by_capture(one) == one  # one capture: scorers as stored
+
+
+def test_a_strategys_second_row_is_drawn_in_a_color_of_its_own():
+    from taskprune.report import plots
+    rows = [_r("sel-p", "selective", 0.05, 0.2), _r("sel-pr", "selective", 0.05, 0.45, scorer="selectivity on x"),
+            _r("rev", "reverse", 0.05, 0.0), _r("r42", "random", 0.05, 0.3, seed=42)]
+    colors = plots.row_colors(T.accuracy_grid(rows, "humaneval").rows)
+    assert colors[0] == plots.COLORS["selective"] and colors[2] == plots.COLORS["reverse"]
+    assert colors[3] == plots.COLORS["random"] and len(set(colors)) == 4

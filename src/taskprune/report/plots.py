@@ -43,8 +43,9 @@ def _legend(fig: Figure, axes: list) -> None:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
     if handles:
+        column = 0.062 * max(map(len, handles)) + 0.7  # inches a column of 9-point labels takes, handle included
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", frameon=False, fontsize=9,
-                   ncol=min(len(handles), max(1, int(fig.get_figwidth() // 2.4))))  # narrow figures wrap
+                   ncol=min(len(handles), max(1, int(fig.get_figwidth() // column))))  # narrow figures wrap
 
 
 def _png(fig: Figure, title: str | None = None) -> bytes:
@@ -74,6 +75,17 @@ def _row_color(i: int, strategy: str, by_scorer: bool) -> str:
     return COLORS.get(strategy, CYCLE[(i + 3) % len(CYCLE)])
 
 
+def row_colors(rows: list, by_scorer: bool = False) -> list[str]:
+    """A color per grid row (`_row_color`), where a strategy's second and further rows (another scorer or
+    capture of it) take colors of their own instead of repeating the strategy's."""
+    out = []
+    for i, row in enumerate(rows):
+        nth = [r.strategy for r in rows[:i]].count(row.strategy)
+        out.append(CYCLE[nth % len(CYCLE)] if nth and not by_scorer and row.strategy != "random"
+                   else _row_color(i, row.strategy, by_scorer))
+    return out
+
+
 def one_ratio(grids: list[Grid]) -> bool:
     """Whether every grid has a single ratio: a scorer comparison is then drawn as bars, not lines."""
     return all(len(g.ratios) == 1 for g in grids)
@@ -92,14 +104,13 @@ def grid_plot(grids: list[Grid], ylabel: str, title: str, percent: bool = True, 
         return _scorer_bars(grids, ylabel, title, percent, titles)
     fig, axes = _figure(len(grids))
     for k, (ax, g) in enumerate(zip(axes, grids)):
-        for i, row in enumerate(g.rows):
+        for row, color in zip(g.rows, row_colors(g.rows, by_scorer)):
             xs = [r for r in g.ratios if r in row.cells and row.cells[r].values]
             if not xs:
                 continue
             ys = [row.cells[r].value for r in xs]
             if g.baseline is not None:
                 xs, ys = [0.0] + xs, [g.baseline] + ys
-            color = _row_color(i, row.strategy, by_scorer)
             x100 = [100 * x for x in xs]
             ax.plot(x100, ys, marker=MARKERS.get(row.strategy, "D"), color=color, linewidth=2, markersize=6,
                     label=row.label.replace(" [min–max]", ""),
