@@ -1,6 +1,8 @@
 """Capture statistics: exact against a hand computation, invariant to batching and padding side."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -243,6 +245,9 @@ def test_a_stopped_study_capture_resumes_from_its_checkpoints(setup, tmp_path, m
     assert sorted(p.name for p in (tmp_path / "partial").iterdir()) == [
         "set0.json", "set0.safetensors", "set1.json", "set1.safetensors", "set2.json", "set2.safetensors"]
     assert json.loads((tmp_path / "partial" / "set2.json").read_text())["n"] == 4
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "partial").iterdir()} == {0o666 & ~umask}
 
     # Resumed: the two finished sets are read back, the third goes on from its 4th prompt.
     calls.clear()

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from taskprune.atomic import atomic_dir
+from taskprune.atomic import atomic_dir, save_tensors
 from taskprune.capture import SetStats
 
 FORMAT_VERSION = 1
@@ -230,7 +230,7 @@ class CaptureCheckpoints:
         self.path.mkdir(parents=True, exist_ok=True)
         meta_file.unlink(missing_ok=True)  # no stale pair while the tensors are replaced
         tmp = tensors_file.with_name(tensors_file.name + ".tmp")
-        save_file(tensors, tmp)
+        save_tensors(tensors, tmp)  # with the user's umask, as every output
         tmp.replace(tensors_file)
         meta = {"key": key, "n": stats.n, "tokens": stats.tokens, "truncated": stats.truncated, "complete": complete}
         tmp = meta_file.with_name(meta_file.name + ".tmp")
