@@ -137,8 +137,11 @@ def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tin
 
 def test_changed_config_needs_new_directory(tiny_dir, tmp_path):
     sweep.Study(load_config(_config(tmp_path, tiny_dir)), tmp_path / "run", progress=False).start()
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match=r"another config \(ratios: \[0.25, 0.5\] there, \[0.1, 0.25\] here\)"):
         sweep.Study(load_config(_config(tmp_path, tiny_dir, ratios=[0.1, 0.25])), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match=r"\(capture.n: 4 there, 5 here\)"):
+        sweep.Study(load_config(_config(tmp_path, tiny_dir, capture={"n": 5, "max_length": 48, "batch_size": 4})),
+                    tmp_path / "run", progress=False)
 
 
 def test_bad_configs(tmp_path, tiny_dir):

@@ -157,8 +157,10 @@ class Study:
         if not isinstance(previous, dict):
             raise ValueError(f"{saved} is damaged (not the YAML taskprune wrote); use another --out")
         if previous.get("_hash") != self.cfg.hash():
-            raise ValueError(f"{self.dir} holds a study made with another config; use another --out "
-                             f"(or delete {self.dir}) to start this one")
+            changed = _differences(previous, yaml.safe_load(yaml.safe_dump(to_dict(self.cfg))))
+            shown = "; ".join(f"{key}: {there!r} there, {here!r} here" for key, there, here in changed[:3])
+            raise ValueError(f"{self.dir} holds a study made with another config ({shown or 'see its config.yaml'}); "
+                             f"use another --out (or delete {self.dir}) to start this one")
         return True
 
     def start(self) -> None:
@@ -377,6 +379,18 @@ class Variants:
         if not self.keep:
             shutil.rmtree(pruned_dir, ignore_errors=True)
             shutil.rmtree(rec_dir, ignore_errors=True)
+
+
+def _differences(there: dict, here: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """The keys (dotted) whose values differ between a saved config and this one, nested keys by their leaves."""
+    out = []
+    for key in dict.fromkeys([k for k in there if k != "_hash"] + list(here)):
+        a, b = there.get(key), here.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out
 
 
 def _pruned(lm: LoadedModel, plan, in_place: bool):
