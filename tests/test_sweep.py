@@ -11,6 +11,7 @@ from taskprune import sweep
 from taskprune.cli import main
 from taskprune.config import ConfigError, load_config
 from taskprune.evaluate.runner import read_records
+from taskprune.settings import EvalSettings
 
 
 def _config(tmp_path, tiny_dir, **over):
@@ -172,7 +173,8 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
 
     from taskprune.config import StudyConfig
     from taskprune.options import non_default
-    cfg = StudyConfig(name="s", model="m", target="mbpp", distractors=("squad",), ratios=(0.1,))
+    cfg = StudyConfig(name="s", model="m", target="mbpp", distractors=("squad",), ratios=(0.1,),
+                      evaluation=EvalSettings(trap_policy="full"))
     assert non_default(cfg) == {"name": "s", "model": "m", "target": "mbpp", "distractors": ("squad",),
                                 "ratios": (0.1,)}
     same = replace(cfg, evaluation=replace(cfg.evaluation, require_isolation=True))
@@ -181,13 +183,33 @@ def test_a_new_option_at_its_default_keeps_a_studys_hash():
     assert other.hash() != cfg.hash() and non_default(other)["evaluation"] == {"trap_budget": 512}
 
 
-# Each committed config's study hash and evaluation key, as computed before the settings objects were
-# unified (issue 16): a study directory made then, such as results/paper-code-1.5b, must still resume.
-CONFIG_HASHES = {"cpu-study": ("5b93d53eddc5", "30c70f8c"), "demo": ("ee63f2c016d6", "6f215148"),
+def test_a_changed_default_keeps_the_hash_of_studies_that_name_the_old_one(tiny_dir, tmp_path):
+    """trap_policy's default became early; full, the old default, is what an identity leaves out, so a study
+    begun before (its config now naming full) resumes, and one that names nothing is told what changed."""
+    from taskprune.options import non_default
+    assert EvalSettings().trap_policy == "early"
+    assert non_default(EvalSettings(trap_policy="full")) == {}
+    assert non_default(EvalSettings()) == {"trap_policy": "early"}
+    old = load_config(_config(tmp_path, tiny_dir, evaluation={"tasks": ["mbpp"], "trap_policy": "full"}))
+    study = sweep.Study(old, tmp_path / "run", progress=False)
+    study.start()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["evaluation"]["trap_policy"] == "full"
+    sweep.Study(old, tmp_path / "run", progress=False)  # resumes
+    with pytest.raises(ValueError, match=r"\(evaluation.trap_policy: 'full' there, 'early' here\)"):
+        sweep.Study(load_config(_config(tmp_path, tiny_dir, evaluation={"tasks": ["mbpp"]})), tmp_path / "run",
+                    progress=False)
+
+
+# Each committed config's study hash and evaluation key. The paper configs' are as computed before the
+# settings objects were unified (issue 16): a study directory made then, such as results/paper-code-1.5b,
+# must still resume (they name trap_policy: full, the default before early); the others changed with
+# that default.
+CONFIG_HASHES = {"cpu-study": ("3bf2392a81a1", "041d735b"), "demo": ("915397fb83af", "8cdcb9e5"),
                  "paper-code-1.5b-cpu": ("f52c8ae1daf2", "04acacd9"), "paper-code-1.5b": ("9e9e9c7d2d8b", "04acacd9"),
                  "paper-code-1.5b-product": ("218b5486a3a7", "f2e1dc14"),
                  "paper-code-7b": ("b0d1d359a28f", "04acacd9"), "paper-math-1.5b": ("25481d6a8d7b", "6cfba91f"),
-                 "paper-math-7b": ("a8c87dcb09d9", "6cfba91f"), "scorers-5pct": ("2f21a027bb32", "ce5b3fa9")}
+                 "paper-math-7b": ("a8c87dcb09d9", "6cfba91f"), "scorers-5pct": ("6f6bd1329f38", "38052500")}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_HASHES))

@@ -24,13 +24,15 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = MISSING, *, help: str = "", flag: str | None = None, default_factory: Any = MISSING,
-           **rules: Any) -> Any:
+           was: Any = MISSING, **rules: Any) -> Any:
     """A settings field. `help` is its one-line description (the default is appended on the command line);
-    `flag` replaces the derived `--field-name`. Rules, on the
+    `flag` replaces the derived `--field-name`. `was` is the field's default before it changed: identities
+    (`non_default`) leave that value out instead of the new default, so a study begun under the old default
+    and now naming that value keeps its hash. Rules, on the
     value or on every element of a list or mapping value: `min`, `max` (inclusive), `gt`, `lt` (exclusive),
     `choices` (for names from a registry; fixed choices are a `Literal` type) and `nonempty`."""
     return field(default=default, default_factory=default_factory,
-                 metadata={"help": help, "flag": flag, "rules": rules})
+                 metadata={"help": help, "flag": flag, "rules": rules, "was": was})
 
 
 def _rules(f: Field) -> dict:
@@ -39,6 +41,12 @@ def _rules(f: Field) -> dict:
 
 def _default(f: Field) -> Any:
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _identity_default(f: Field) -> Any:
+    """The value an identity leaves out: the default the field had before it changed (`was`), else its default."""
+    was = f.metadata.get("was", MISSING)
+    return _default(f) if was is MISSING else was
 
 
 def _required(f: Field) -> bool:
@@ -52,7 +60,9 @@ def non_default(obj) -> dict:
     """A settings object's fields that differ from their defaults (nested ones likewise).
 
     This is what identifies a study or its evaluation: an option added later with a default leaves
-    the hash of every existing study, and so its resumable directory, as it was.
+    the hash of every existing study, and so its resumable directory, as it was. An option whose default
+    changed is compared with its old default (`option(was=...)`): a study begun under the old default
+    keeps its hash when its config names that value, and one that does not is told what differs.
     """
     out = {}
     for f in fields(obj):
@@ -61,7 +71,7 @@ def non_default(obj) -> dict:
             value = non_default(value)
             if value:
                 out[f.name] = value
-        elif _required(f) or value != _default(f):
+        elif _required(f) or value != _identity_default(f):
             out[f.name] = value
     return out
 

@@ -105,9 +105,10 @@ class EvalSettings:
                                                 "(default 1024; scores use each task's own budget; 0 = task "
                                                 "budget only)")
     trap_policy: Literal["full", "early"] = option(
-        "full", help="full: decode every output to the trap budget (the paper's procedure); early: end an output "
-                     "once it is past its task's budget and already in a repetition loop the trap rule counts "
-                     "(a trap whatever follows; scores are unchanged, the rest of the budget is not spent)")
+        "early", was="full",
+        help="early (default): end an output once it is past its task's budget and already in a repetition loop "
+             "the trap rule counts (a trap whatever follows; scores are unchanged, the rest of the budget is not "
+             "spent); full: decode every output to the trap budget (the paper's procedure)")
     stop_at_boxed: bool = option(False, help="GSM8K: stop as soon as a complete \\boxed{} is written (the paper's "
                                              "custom criterion)")
     sandbox_timeout: float = option(3.0, gt=0, help="seconds per generated program")

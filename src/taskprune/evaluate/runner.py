@@ -262,7 +262,7 @@ def task_settings(task: Task, budget: int, settings: EvalSettings, backend: str 
            "stop_at_boxed": bool(settings.stop_at_boxed and task.stop)}
     if backend != "hf":  # transformers' records keep the key they had before there were engines
         out["backend"] = backend
-    if settings.trap_policy != "full" and budget > task.max_new_tokens:  # the default (full) leaves earlier records' key as it was
+    if settings.trap_policy != "full" and budget > task.max_new_tokens:  # full, the default before, keeps its records' key
         out["trap_policy"] = settings.trap_policy
     if task.program is not None:
         out["sandbox_timeout"] = settings.sandbox_timeout
