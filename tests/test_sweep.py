@@ -118,14 +118,15 @@ def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tin
                      "selective-selectivity-r0.25-prompt+response-rec", "reverse-selectivity-r0.25-prompt",
                      "reverse-selectivity-r0.25-prompt+response", "random-r0.25-s42"]
     run = sweep.run_study(cfg, tmp_path / "run", progress=False)
-    for content in ("prompt", "prompt+response"):
-        assert load_profile(run / f"profile-{content}").meta["capture"]["content"] == content
+    profiles = {c: load_profile(run / f"profile-{c}") for c in ("prompt", "prompt+response")}
+    for content, profile in profiles.items():
+        assert profile.meta["capture"]["content"] == content
         assert not (run / f"profile-{content}.partial").exists()
     assert not (run / "profile").exists() and (run / "layers.json").is_file()
     # The prompt+response capture sees the reference answers too (prompts are cut at 256 tokens, after the
     # answers), so its statistics differ.
-    sums = [(lambda p: p.stats[p.target].sum)(load_profile(run / f"profile-{c}")) for c in ("prompt", "prompt+response")]
-    assert not np.allclose(sums[0].numpy(), sums[1].numpy())
+    sums = [p.stats[p.target].sum.numpy() for p in profiles.values()]
+    assert not np.allclose(sums[0], sums[1])
     con = sqlite3.connect(run / "results.sqlite")
     capture = dict(con.execute("SELECT variant, capture FROM results"))
     assert capture == {"base": "chat/prompt,prompt+response", "random-r0.25-s42": "chat/prompt,prompt+response",

@@ -173,7 +173,7 @@ def test_packaged_coder_q8_0_export_keeps_humaneval_pass_at_1(tmp_path, monkeypa
     within 2 points of its f32 export (one problem is 5 points: the same count). Both run through the
     llama.cpp engine (`--backend llamacpp`), handed the exported file in place of its own f32 export."""
     from taskprune.evaluate import llamacpp
-    from taskprune.evaluate.runner import evaluate
+    from taskprune.evaluate.runner import evaluate, read_records
     from taskprune.models import load_model
     from taskprune.settings import EvalSettings
     ckpt = _pruned_coder(tmp_path / "pruned")
@@ -186,9 +186,9 @@ def test_packaged_coder_q8_0_export_keeps_humaneval_pass_at_1(tmp_path, monkeypa
         monkeypatch.setattr(llamacpp, "cached_gguf", lambda *args, gguf=gguf, **kw: gguf)
         summary = evaluate(lm, ["humaneval"], tmp_path / f"eval-{quant}", settings, progress=False)
         accuracy[quant] = summary["tasks"]["humaneval"]["accuracy"]
-        records = (tmp_path / f"eval-{quant}" / "humaneval.jsonl").read_text().splitlines()
-        outputs[quant] = [json.loads(line)["output"] for line in records]
-    same = sum(a == b for a, b in zip(outputs["f32"], outputs["q8_0"]))
+        records = read_records(tmp_path / f"eval-{quant}" / "humaneval.jsonl")
+        outputs[quant] = {i: r["output"] for i, r in records.items()}
+    same = sum(outputs["f32"][i] == outputs["q8_0"].get(i) for i in outputs["f32"])
     print(f"HumanEval first 20, llama.cpp: pass@1 f32 {accuracy['f32']:.3f}, q8_0 {accuracy['q8_0']:.3f}; "
           f"{same}/20 outputs identical")
     assert len(outputs["f32"]) == len(outputs["q8_0"]) == 20

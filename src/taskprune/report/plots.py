@@ -67,22 +67,18 @@ def _ratio_ticks(ax, ratios: list[float]) -> None:
     ax.set_xlabel("pruning ratio (share of MLP neurons removed)")
 
 
-def _row_color(i: int, strategy: str, by_scorer: bool) -> str:
-    if strategy == "random":
-        return COLORS["random"]
-    if by_scorer:
-        return CYCLE[i % len(CYCLE)]
-    return COLORS.get(strategy, CYCLE[(i + 3) % len(CYCLE)])
-
-
 def row_colors(rows: list, by_scorer: bool = False) -> list[str]:
-    """A color per grid row (`_row_color`), where a strategy's second and further rows (another scorer or
-    capture of it) take colors of their own instead of repeating the strategy's."""
+    """A color per grid row: random grey; by scorer, one color a row; else the strategy's own color for its
+    first row and another for each further one (another scorer or capture of the same strategy)."""
     out = []
     for i, row in enumerate(rows):
         nth = [r.strategy for r in rows[:i]].count(row.strategy)
-        out.append(CYCLE[nth % len(CYCLE)] if nth and not by_scorer and row.strategy != "random"
-                   else _row_color(i, row.strategy, by_scorer))
+        if row.strategy == "random":
+            out.append(COLORS["random"])
+        elif by_scorer or nth:
+            out.append(CYCLE[(i if by_scorer else nth) % len(CYCLE)])
+        else:
+            out.append(COLORS.get(row.strategy, CYCLE[(i + 3) % len(CYCLE)]))
     return out
 
 
@@ -146,10 +142,10 @@ def _scorer_bars(grids: list[Grid], ylabel: str, title: str, percent: bool,
         ratio = g.ratios[0]
         rows = [row for row in g.rows if ratio in row.cells and row.cells[ratio].values]
         ys = list(range(len(rows)))[::-1]  # first row on top
-        for y, (i, row) in zip(ys, enumerate(rows)):
+        for y, row, color in zip(ys, rows, row_colors(rows, by_scorer=True)):
             cell = row.cells[ratio]
             err = [[cell.value - cell.lo], [cell.hi - cell.value]] if cell.spread else None
-            ax.barh(y, cell.value, color=_row_color(i, row.strategy, True), xerr=err, capsize=4,
+            ax.barh(y, cell.value, color=color, xerr=err, capsize=4,
                     hatch="//" if row.strategy == "random" else None, edgecolor="white")
             ax.annotate(f"{cell.value:.1f}%" if percent else f"{cell.value:.3g}", (cell.hi, y), xytext=(6, 0),
                         textcoords="offset points", va="center", fontsize=8)
