@@ -15,7 +15,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from taskprune.evaluate.generate import EarlyStop, GenerationRecord, eos_token_ids, generate
+from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Timings, eos_token_ids, generate
 
 WORDS = 120
 
@@ -143,6 +143,16 @@ def test_records_in_input_order_and_on_record(model, tokenizer):
     assert sorted(seen, key=lambda r: r.index) == records
     assert all(r.seconds > 0 and r.new_tokens == 6 and r.stopped_by == "budget" for r in records)
     assert not any(r.ended_by_eos for r in records)
+
+
+def test_timings_keep_prefill_and_decode_steps_apart(model, tokenizer):
+    timings = Timings()
+    records = generate(model, tokenizer, make_prompts(7, seed=3), 6, batch_size=3, progress=False, timings=timings)
+    # Each row's first token comes from its prefill, every other one from a decode step.
+    assert timings.decode_tokens == sum(r.new_tokens for r in records) - 7 == 35
+    assert timings.prefill_s > 0 and timings.decode_s > 0
+    assert timings.decode_tokens_per_s == pytest.approx(35 / timings.decode_s)
+    assert timings.prefill_s + timings.decode_s == pytest.approx(sum(r.seconds for r in records))
 
 
 def test_stop_criterion_halts_a_row_early(model, tokenizer):

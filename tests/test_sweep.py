@@ -1,5 +1,6 @@
 """A tiny study end to end (2 strategies x 2 ratios, recovery for a few steps) and resume after a fault."""
 
+import json
 import sqlite3
 from dataclasses import asdict
 
@@ -122,7 +123,8 @@ def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tin
     for content, profile in profiles.items():
         assert profile.meta["capture"]["content"] == content
         assert not (run / f"profile-{content}.partial").exists()
-    assert not (run / "profile").exists() and (run / "layers.json").is_file()
+    assert not (run / "profile").exists()
+    assert json.loads((run / "layers.json").read_text())["content"] == "prompt"  # Figure 6 names its capture
     # The prompt+response capture sees the reference answers too (prompts are cut at 256 tokens, after the
     # answers), so its statistics differ.
     sums = [p.stats[p.target].sum.numpy() for p in profiles.values()]
@@ -134,7 +136,9 @@ def test_two_capture_contents_each_have_a_profile_and_their_own_scored_cells(tin
     labels = {r["variant"]: r["scorer"] for r in load_study(run).rows}
     assert labels["reverse-selectivity-r0.25-prompt+response"] == "selectivity on prompt+response"
     from taskprune.report import write_report
-    assert "selective (selectivity on prompt+response)" in write_report(run)[0].read_text()
+    report = write_report(run)[0].read_text()
+    assert "selective (selectivity on prompt+response)" in report
+    assert "scored by selectivity on prompt as target-leaning" in report
 
 
 def test_changed_config_needs_new_directory(tiny_dir, tmp_path):

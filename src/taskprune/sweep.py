@@ -258,9 +258,10 @@ class Variants:
             key = content if len(contents) > 1 else None
             out[key] = self._profile(lm, content, self.dir / ("profile" if key is None else f"profile-{content}"))
         layers_file = self.dir / "layers.json"
-        if not layers_file.is_file():  # the first capture's
-            sel = score("selectivity", next(iter(out.values())))
-            layers_file.write_text(json.dumps({"scorer": "selectivity", "layers": [
+        if not layers_file.is_file():  # the first capture's, named where there are several
+            first, profile = next(iter(out.items()))
+            sel = score("selectivity", profile)
+            layers_file.write_text(json.dumps({"scorer": "selectivity", **({"content": first} if first else {}), "layers": [
                 [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
         return out
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from taskprune.evaluate.generate import EarlyStop, GenerationRecord, generate
+from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Timings, generate
 from taskprune.evaluate.resources import decode_tokens_per_second
 from taskprune.models import LoadedModel, config_hash
 
@@ -31,8 +31,10 @@ class Backend(Protocol):
     name: str
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, stop=None,
-                 progress: bool = True, on_record=None, early: EarlyStop | None = None) -> list[GenerationRecord]:
-        """`taskprune.evaluate.generate.generate` on this engine."""
+                 progress: bool = True, on_record=None, early: EarlyStop | None = None,
+                 timings: Timings | None = None) -> list[GenerationRecord]:
+        """`taskprune.evaluate.generate.generate` on this engine (`timings` filled by the engines whose steps
+        `decode_greedy` drives: not vLLM's, which schedules its own)."""
 
     def tokens_per_second(self, prompts: list[str], new_tokens: int = 64) -> float:
         """Batch-1 decode speed over `prompts`, EOS ignored."""
@@ -50,9 +52,10 @@ class TorchBackend:
         self.lm = lm
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, stop=None,
-                 progress: bool = True, on_record=None, early: EarlyStop | None = None) -> list[GenerationRecord]:
+                 progress: bool = True, on_record=None, early: EarlyStop | None = None,
+                 timings: Timings | None = None) -> list[GenerationRecord]:
         return generate(self.lm.model, self.lm.tokenizer, prompts, max_new_tokens, batch_size=batch_size, stop=stop,
-                        progress=progress, on_record=on_record, early=early)
+                        progress=progress, on_record=on_record, early=early, timings=timings)
 
     def tokens_per_second(self, prompts: list[str], new_tokens: int = 64) -> float:
         return decode_tokens_per_second(self.lm.model, self.lm.tokenizer, prompts, new_tokens)

@@ -12,7 +12,7 @@ is timed apart and left out: the evaluation's throughput peaks where decode alon
 An engine that schedules its batch by its own KV-cache memory (vLLM) says so with a
 `schedules_batch` attribute, the concurrency it then takes, and is not measured.
 
-The choice is remembered in `<cache>/batch-sizes-2.json` (2: decode timed without the prefill) per machine, engine, architecture without
+The choice is remembered in `<cache>/batch-sizes-3.json` (3: decode steps timed on their own) per machine, engine, architecture without
 its MLP width (a pruned variant decodes at the batch its unpruned model chose) and dtype, so a
 study measures once. Outputs do not depend on the batch in fp32; in bf16 only in the last bits
 (see taskprune.evaluate.generate), which is why the batch size is not part of any records key.
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import torch
 
+from taskprune.evaluate.generate import Timings
 from taskprune.models import LoadedModel, config_hash
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -37,7 +37,7 @@ MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5% ...
 PATIENCE = 2  # ... in one of the last two doublings (torch's CPU kernels decoded batch 2 no faster than 1, batch 4
 # twice as fast)
 MEMORY_SHARE = 0.5  # of the free memory, for the KV cache of a full batch
-CACHE_FILE = "batch-sizes-2.json"  # 2: measured without the prefill (choices made with it are not reused)
+CACHE_FILE = "batch-sizes-3.json"  # 3: decode steps timed on their own (earlier choices are not reused)
 
 
 def kv_bytes_per_token(lm: LoadedModel) -> int:
@@ -60,12 +60,6 @@ def memory_cap(lm: LoadedModel, device: torch.device, tokens_per_row: int) -> in
     return max(1, int(free_memory(device) * MEMORY_SHARE) // (kv_bytes_per_token(lm) * max(1, tokens_per_row)))
 
 
-def _timed(backend, batch: list[str], new_tokens: int) -> tuple[float, int]:
-    start = time.perf_counter()
-    records = backend.generate(batch, new_tokens, batch_size=len(batch), progress=False)
-    return time.perf_counter() - start, sum(r.new_tokens for r in records)
-
-
 def measure(backend, prompts: list[str], cap: int) -> dict[int, float]:
     """Decode tokens/s of `backend` at each candidate batch of `prompts` (repeated where fewer), doubling
     while it pays and the batch stays within `cap`.
@@ -74,17 +68,19 @@ def measure(backend, prompts: list[str], cap: int) -> dict[int, float]:
     a short probe: timed together with the decode, batch 2 looked barely faster than batch 1 on a 2-core
     AVX2 machine where batch 8 decoded 4.6x faster. So the prompts are cut to their last
     `PROBE_PROMPT_CHARS` characters (the chat template's answer prefix stays), each batch is generated for
-    one token (its prefill) and for `1 + PROBE_TOKENS`, and the difference is the decode's time. The
-    doubling stops after `PATIENCE` doublings in a row without gain."""
+    `1 + PROBE_TOKENS` tokens, and only its decode steps are timed (`Timings`: the engine's prefill calls
+    apart). Timing a one-token run and subtracting it from the whole gave noise as large as the decode
+    itself at batch 32 (a negative difference once). The doubling stops after `PATIENCE` doublings in a row
+    without gain."""
     speeds: dict[int, float] = {}
     backend.generate(prompts[:1], 2, batch_size=1, progress=False)  # warm-up
     stalled = 0  # doublings in a row that gained less than MIN_GAIN
     for size in (c for c in CANDIDATES if c <= cap):
         batch = [prompts[i % len(prompts)][-PROBE_PROMPT_CHARS:] for i in range(size)]
-        prefill_s, prefill_tokens = _timed(backend, batch, 1)
-        total_s, tokens = _timed(backend, batch, 1 + PROBE_TOKENS)
+        timings = Timings()
+        backend.generate(batch, 1 + PROBE_TOKENS, batch_size=size, progress=False, timings=timings)
         best_before = max(speeds.values(), default=0.0)
-        speeds[size] = (tokens - prefill_tokens) / max(total_s - prefill_s, 1e-9)
+        speeds[size] = timings.decode_tokens_per_s
         stalled = stalled + 1 if speeds[size] < MIN_GAIN * best_before else 0
         if stalled == PATIENCE:
             break

@@ -64,6 +64,7 @@ import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,11 +72,12 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from taskprune.evaluate.prepack import prepacked
 from taskprune.models.adapters import model_adapter
 from taskprune.models.batch import pad_batch
 from taskprune.models.load import input_device
 
-__all__ = ["Decoder", "EarlyStop", "GenerationRecord", "Row", "decode_greedy", "generate", "eos_token_ids"]
+__all__ = ["Decoder", "EarlyStop", "GenerationRecord", "Row", "Timings", "TorchDecoder", "decode_greedy", "generate", "eos_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,20 @@ class EarlyStop:
     after: int
     caught: Callable[[str], bool]
     every: int = 16
+
+
+@dataclass
+class Timings:
+    """Where a :func:`decode_greedy` call's engine time went, when one is passed as its `timings`: prefill
+    calls (newcomers' prompts) apart from decode steps, and the tokens the steps made (one per running row)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -244,7 +260,7 @@ class _Batch:
         self.rows = self.rows + other.rows
 
 
-class _TorchDecoder:
+class TorchDecoder:
     """The transformers engine: one ``DynamicCache`` over the running rows, evicted and refilled by
     per-row cache surgery (see the module docstring)."""
 
@@ -297,6 +313,8 @@ def generate(
     *,
     stop_check_chars: str | None = "}",
     early: EarlyStop | None = None,
+    timings: Timings | None = None,
+    prepack: bool = True,
 ) -> list[GenerationRecord]:
     """Greedily generate a completion for every prompt, batched, with refill.
 
@@ -318,6 +336,10 @@ def generate(
         early: Optional :class:`EarlyStop` rule ending rows whose text it catches before the budget
             (the trap policy ``early``: a row already in a counted repetition loop is a trap whatever
             follows).
+        timings: Optional :class:`Timings`, filled with the prefill and decode-step time (e.g. to measure
+            decode speed without the prefill, as ``--batch-size auto`` does).
+        prepack: Run bf16 linear layers on a CPU from oneDNN-packed weights where memory allows
+            (:mod:`taskprune.evaluate.prepack`; same outputs, faster products). False: the plain path.
 
     Returns:
         One :class:`GenerationRecord` per prompt, in the order of ``prompts``.
@@ -328,14 +350,14 @@ def generate(
     """
     # Fills only left padding, which the mask hides and whose keys/values are zeroed: any id gives the
     # same tokens.
-    decoder = _TorchDecoder(model, model_adapter(model).pad_id(tokenizer))
+    decoder = TorchDecoder(model, model_adapter(model).pad_id(tokenizer))
     modes = [(module, module.training) for module in model.modules()]
     model.eval()  # no dropout; every module's own mode is restored afterwards
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), prepacked(model) if prepack else nullcontext():
             return decode_greedy(decoder, tokenizer, eos_token_ids(model, tokenizer), prompts, max_new_tokens,
                                  batch_size, stop, progress, on_record, stop_check_chars=stop_check_chars,
-                                 early=early)
+                                 early=early, timings=timings)
     finally:
         for module, training in modes:
             module.training = training
@@ -354,6 +376,7 @@ def decode_greedy(
     *,
     stop_check_chars: str | None = "}",
     early: EarlyStop | None = None,
+    timings: Timings | None = None,
 ) -> list[GenerationRecord]:
     """:func:`generate`'s loop on any engine's `decoder`: prompts encoded by `tokenizer`, longest first,
     up to `batch_size` running at once; a row ends on an id in `eos_ids`, the budget, `stop` or `early`
@@ -428,12 +451,17 @@ def decode_greedy(
             bar.set_postfix(tok_s=f"{total_new / max(elapsed, 1e-9):.1f}", refresh=False)
             bar.update(1)
 
-    def timed(rows: list[Row], run: Callable[[], list[int]]) -> None:
+    def timed(rows: list[Row], run: Callable[[], list[int]], prefill: bool) -> None:
         """Run one engine call for `rows` (its time split evenly over them), take each row's new token,
         finish the rows that are done and evict them."""
         t0 = time.perf_counter()
         tokens = run()
         dt = time.perf_counter() - t0
+        if timings is not None and prefill:
+            timings.prefill_s += dt
+        elif timings is not None:
+            timings.decode_s += dt
+            timings.decode_tokens += len(rows)
         done = False
         for row, token in zip(rows, tokens, strict=True):
             row.seconds += dt / len(rows)
@@ -449,9 +477,9 @@ def decode_greedy(
             while waiting and len(decoder.rows) < batch_size:
                 take = min(batch_size - len(decoder.rows), len(waiting))
                 rows = [Row(index=i, prompt_ids=encoded[i]) for i in (waiting.popleft() for _ in range(take))]
-                timed(rows, lambda rows=rows: decoder.add(rows))
+                timed(rows, lambda rows=rows: decoder.add(rows), prefill=True)
             if decoder.rows:
-                timed(list(decoder.rows), decoder.step)
+                timed(list(decoder.rows), decoder.step, prefill=False)
     finally:
         if bar is not None:
             bar.close()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from taskprune.cache import keep_recent
-from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, decode_greedy, eos_token_ids
+from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, Timings, decode_greedy, eos_token_ids
 from taskprune.models import LoadedModel, weights_fingerprint
 
 # The GGUF tensor type and the ggml KV-cache type for each dtype a model runs in (ggml's enum: F32 0,
@@ -194,13 +194,14 @@ class LlamaCppBackend:
                                self.threads)
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, stop=None,
-                 progress: bool = True, on_record=None, early: EarlyStop | None = None) -> list[GenerationRecord]:
+                 progress: bool = True, on_record=None, early: EarlyStop | None = None,
+                 timings: Timings | None = None) -> list[GenerationRecord]:
         if not prompts:
             return []
         decoder = self._decoder(prompts, max_new_tokens, batch_size)
         try:
             return decode_greedy(decoder, self.lm.tokenizer, self.eos_ids, prompts, max_new_tokens, batch_size, stop,
-                                 progress, on_record, early=early)
+                                 progress, on_record, early=early, timings=timings)
         finally:
             decoder.close()
 

@@ -31,7 +31,7 @@ import psutil
 import torch
 
 from taskprune.cache import keep_recent
-from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, decode_greedy, eos_token_ids
+from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Row, Timings, decode_greedy, eos_token_ids
 from taskprune.models import LoadedModel, weights_fingerprint
 
 KEEP = 2  # saved variants kept under <cache>/vllm
@@ -153,7 +153,9 @@ class VllmBackend:
         return [list(o.outputs[0].token_ids) for o in outputs]
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, batch_size: int = 8, stop=None,
-                 progress: bool = True, on_record=None, early: EarlyStop | None = None) -> list[GenerationRecord]:
+                 progress: bool = True, on_record=None, early: EarlyStop | None = None,
+                 timings: Timings | None = None) -> list[GenerationRecord]:
+        """The Backend protocol's generate; `timings` stays empty (vLLM schedules its own steps)."""
         records: list[GenerationRecord] = []
         chunk = CHUNK_BATCHES * batch_size
         for start in range(0, len(prompts), chunk):

@@ -658,7 +658,10 @@ def build_report(study: Study) -> Report:
             rep.traps[t] = trap_grids(rows, t)
     rep.similarity = similarity_grids(rows)
     rep.layers = layer_table(study.layers)
-    rep.layer_scorer = (study.layers or {}).get("scorer")
+    layers = study.layers or {}
+    rep.layer_scorer = layers.get("scorer")
+    if rep.layer_scorer and layers.get("content"):
+        rep.layer_scorer = method(rep.layer_scorer, layers["content"])
     rep.resources = resources_table(rows)
     if len(scorers(rows)) > 1:
         rep.scorer_summary = scorer_summary(rows)
