@@ -5,11 +5,10 @@
 First the measurement `--batch-size auto` makes (taskprune.evaluate.batching, into a fresh cache):
 tokens/s by candidate batch and the size it keeps. Then the engine decodes the first `--n` HumanEval
 prompts (the evaluation's instruction and chat template, greedy, `--max-new-tokens`) at the
-`--baseline` batch with plain weights (the engine before auto and packed weights) and at the chosen
-one with the engine's default (bf16 weights packed for oneDNN on a CPU, taskprune.evaluate.prepack),
-alternating `--repeats` times, and prints useful tokens/s of each (with the share of the wall spent in
-prefills), their ratio (target >= 1.5 at 1.5B on a CPU) and how many outputs are identical (all of them
-in fp32; in bf16 a batch shape can flip a near-tie).
+`--baseline` batch (the default before auto) and at the chosen one, alternating `--repeats` times, and
+prints useful tokens/s of each (with the time spent in prefills and in decode steps), their ratio (target
+>= 1.5 at 1.5B on a CPU) and how many outputs are identical (all of them in fp32; in bf16 a batch shape
+can flip a near-tie).
 """
 
 from __future__ import annotations
@@ -37,8 +36,6 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=8, help="the fixed batch size to compare with")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--probe-only", action="store_true", help="stop after the measurement auto makes")
-    parser.add_argument("--plain-too", action="store_true",
-                        help="also run the baseline batch with packed weights (to tell the two gains apart)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -58,24 +55,20 @@ def main() -> None:
     if args.probe_only:
         return
 
-    # Today's engine at the old default batch (plain weights) is the baseline; auto runs with the engine's
-    # default, packed weights (taskprune.evaluate.prepack); --plain-too adds the old default batch with them.
-    runs = {"baseline": (args.baseline, False), "auto": (chosen, True)}
-    if args.plain_too:
-        runs["baseline packed"] = (args.baseline, True)
+    runs = {"baseline": args.baseline, "auto": chosen}
     best, outputs, prefill_share = {}, {}, {}
     for _ in range(args.repeats):
-        for name, (size, prepack) in runs.items():
+        for name, size in runs.items():
             timings = Timings()
             start = time.perf_counter()
             records = generate(lm.model, lm.tokenizer, prompts, args.max_new_tokens, batch_size=size, progress=False,
-                               timings=timings, prepack=prepack)
+                               timings=timings)
             wall = time.perf_counter() - start
             rate = sum(r.new_tokens for r in records) / wall
             if rate > best.get(name, 0.0):
                 best[name], prefill_share[name] = rate, timings.prefill_s / wall
             outputs[name] = [r.output for r in records]
-            print(f"{name} (batch {size}, {'packed' if prepack else 'plain'} weights): {rate:6.2f} tokens/s in "
+            print(f"{name} (batch {size}): {rate:6.2f} tokens/s in "
                   f"{wall:.0f} s (prefill {timings.prefill_s:.0f} s, decode steps {timings.decode_s:.0f} s at "
                   f"{timings.decode_tokens_per_s:.1f} tokens/s)", flush=True)
     same = {name: sum(a == b for a, b in zip(outputs["baseline"], outputs[name])) for name in runs}
@@ -87,7 +80,7 @@ def main() -> None:
         args.json.write_text(json.dumps({"model": args.model, "dtype": str(lm.model.dtype), "n": len(prompts),
                                          "max_new_tokens": args.max_new_tokens, "chosen": chosen,
                                          "probe_s": probe_s, "probe_tokens_per_s": speeds,
-                                         "runs": {n: {"batch_size": b, "packed": k} for n, (b, k) in runs.items()},
+                                         "batch_size": runs,
                                          "tokens_per_s": best, "prefill_share": prefill_share, "ratio": ratios,
                                          "identical": same}, indent=2))
 

@@ -15,7 +15,8 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from taskprune.evaluate.generate import EarlyStop, GenerationRecord, Timings, eos_token_ids, generate
+from taskprune.evaluate.generate import (EarlyStop, GenerationRecord, Timings, eos_token_ids, generate,
+                                         prefill_groups)
 
 WORDS = 120
 
@@ -118,6 +119,19 @@ def test_batched_with_refill_equals_batch_one(tokenizer):
         assert outputs(batched) == outputs(reference), f"batch_size={batch_size}"
         assert [r.index for r in batched] == list(range(len(prompts)))
         assert [r.prompt for r in batched] == prompts
+    # Newcomers prefilled in groups (here of one or two rows) and merged at once: the same tokens.
+    longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("taskprune.evaluate.generate.PREFILL_TOKENS", 2 * longest)
+        grouped = generate(model, tokenizer, prompts, budget, batch_size=8, progress=False)
+    assert outputs(grouped) == outputs(reference)
+
+
+def test_prefill_groups_stay_within_the_token_budget():
+    assert prefill_groups([5, 5, 4, 3, 3, 1], 10) == [[0, 1], [2, 3], [4, 5]]
+    assert prefill_groups([12, 3, 3, 3], 10) == [[0], [1, 2, 3]]  # a longer row alone
+    assert prefill_groups([2, 9, 1], 18) == [[0, 1], [2]]  # 3 rows padded to 9 would be 27
+    assert prefill_groups([], 10) == []
 
 
 def test_matches_transformers_generate(model, tokenizer):
