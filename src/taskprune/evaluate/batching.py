@@ -30,7 +30,7 @@ import torch
 from taskprune.evaluate.generate import Timings
 from taskprune.models import LoadedModel, config_hash
 
-CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 PROBE_TOKENS = 16
 PROBE_PROMPT_CHARS = 128  # the end of each prompt, about 30 tokens: a short prefill, the answer's start kept
 MIN_GAIN = 1.05  # double the batch only while tokens/s grows by at least 5% ...
