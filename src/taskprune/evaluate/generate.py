@@ -76,10 +76,11 @@ from taskprune.models.batch import pad_batch
 from taskprune.models.load import input_device
 
 # Newcomers are prefilled in groups of at most this many left-padded tokens (rows x longest), so that a
-# big batch of long prompts does not hold every layer's activations for all of them at once. Per token the
-# prefill costs about the same from 1 to 32 rows of ~280 tokens (1.5B, bf16, 2 cores: 190-270 tokens/s,
-# fastest at 32), so the budget is large enough not to split a HumanEval batch of 32.
-PREFILL_TOKENS = 16384
+# big batch of long prompts neither holds every layer's activations for all of them at once nor pays more
+# per token: on all 164 HumanEval prompts (1.5B, bf16, 2 cores), prefilling took 184-188 s at batch 8, where
+# refills come one prompt at a time, but 204 s at batch 64 and 232 s at batch 128 in groups of up to 16,384
+# tokens.
+PREFILL_TOKENS = 2048
 
 __all__ = ["Decoder", "EarlyStop", "GenerationRecord", "PREFILL_TOKENS", "Row", "Timings", "TorchDecoder",
            "decode_greedy", "generate", "eos_token_ids", "prefill_groups"]
