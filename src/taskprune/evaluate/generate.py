@@ -11,9 +11,9 @@ answer lengths vary a lot (GSM8K reasoning, HumanEval completions):
   the batch at once: every layer's key/value tensors are ``index_select``-ed on the batch dimension
   and key columns that have become padding for every remaining row are trimmed away. Free slots
   are then filled from the waiting queue: the newcomers are prefilled on their own (batched among
-  themselves) and their cache is concatenated to the running one, left-padding whichever is
-  shorter with zero keys/values under a zero attention mask. A long answer therefore holds one
-  slot, not a whole batch.
+  themselves, in groups of at most ``PREFILL_TOKENS`` padded tokens) and their caches are concatenated
+  to the running one in one copy, left-padding whichever is shorter with zero keys/values under a zero
+  attention mask. A long answer therefore holds one slot, not a whole batch.
 * **Exactly greedy.** The next token is ``argmax`` of the last-position logits; nothing is read from
   ``model.generation_config`` except its EOS ids, so sampling settings stored with a checkpoint
   (temperature, top_p, top_k, repetition_penalty, ...) cannot leak in. Because padding is masked
