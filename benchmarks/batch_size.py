@@ -25,6 +25,7 @@ from taskprune.evaluate.generate import Timings, generate
 from taskprune.evaluate.runner import chat_prompt
 from taskprune.evaluate.tasks import get_task
 from taskprune.models import input_device, load_model
+from taskprune.report.speed import Headline, write_benchmark
 
 
 def main() -> None:
@@ -76,13 +77,14 @@ def main() -> None:
     for name in runs:
         print(f"{name} / baseline: {ratios[name]:.2f}x tokens/s{' (target >= 1.5)' if name == 'auto' else ''}; "
               f"{same[name]}/{len(prompts)} outputs identical")
-    if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "dtype": str(lm.model.dtype), "n": len(prompts),
-                                         "max_new_tokens": args.max_new_tokens, "chosen": chosen,
-                                         "probe_s": probe_s, "probe_tokens_per_s": speeds,
-                                         "batch_size": runs,
-                                         "tokens_per_s": best, "prefill_share": prefill_share, "ratio": ratios,
-                                         "identical": same}, indent=2))
+    if args.json:  # the report's Speed section reads it (taskprune report --benchmark FILE)
+        write_benchmark(args.json, "batch_size", [
+            Headline(f"auto (batch {chosen}) / batch {args.baseline} tokens/s, first {len(prompts)} HumanEval",
+                     ratios["auto"], 1.5, "x")], [
+            {"run": name, "model": args.model, "dtype": str(lm.model.dtype), "n": len(prompts),
+             "max_new_tokens": args.max_new_tokens, "batch_size": runs[name], "tokens_per_s": best[name],
+             "prefill_share": prefill_share[name], "identical_to_baseline": same[name],
+             "probe_s": probe_s, "probe_tokens_per_s": speeds} for name in runs])
 
 if __name__ == "__main__":
     main()
