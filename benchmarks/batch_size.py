@@ -21,7 +21,7 @@ from pathlib import Path
 
 from taskprune.evaluate.backends import TorchBackend
 from taskprune.evaluate.batching import CACHE_FILE, auto_batch_size
-from taskprune.evaluate.generate import Timings, generate
+from taskprune.evaluate.generate import Timings
 from taskprune.evaluate.runner import chat_prompt
 from taskprune.evaluate.tasks import get_task
 from taskprune.models import input_device, load_model
@@ -62,8 +62,8 @@ def main() -> None:
         for name, size in runs.items():
             timings = Timings()
             start = time.perf_counter()
-            records = generate(lm.model, lm.tokenizer, prompts, args.max_new_tokens, batch_size=size, progress=False,
-                               timings=timings)
+            records = backend.generate(prompts, args.max_new_tokens, batch_size=size, progress=False,
+                                       timings=timings)
             wall = time.perf_counter() - start
             rate = sum(r.new_tokens for r in records) / wall
             if rate > best.get(name, 0.0):

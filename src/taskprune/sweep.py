@@ -260,9 +260,11 @@ class Variants:
         layers_file = self.dir / "layers.json"
         if not layers_file.is_file():  # the first capture's, named where there are several
             first, profile = next(iter(out.items()))
-            sel = score("selectivity", profile)
-            layers_file.write_text(json.dumps({"scorer": "selectivity", **({"content": first} if first else {}), "layers": [
-                [int((row > 0).sum()), int((row < 0).sum())] for row in sel]}) + "\n")
+            layers = {"scorer": "selectivity", "layers": [[int((row > 0).sum()), int((row < 0).sum())]
+                                                          for row in score("selectivity", profile)]}
+            if first:
+                layers["content"] = first
+            layers_file.write_text(json.dumps(layers) + "\n")
         return out
 
     def _profile(self, lm: LoadedModel, content: str, path: Path) -> Profile:
@@ -271,8 +273,7 @@ class Variants:
             profile.check_model(config_hash(lm.model.config), where=str(path))
             self.log(f"reusing profile {path}")
             return profile
-        # Its progress is kept beside it (committed with a study's results), so a capture stopped on one
-        # machine resumes on the next.
+        # Its progress is kept beside it, so a capture stopped part-way resumes where it was on this machine.
         partial = CaptureCheckpoints(path.with_name(path.name + ".partial"))
         settings = settings_for(self.cfg.capture.settings(content), self.cfg.scorers)
         profile = capture_profile(lm, self.cfg.target, list(self.cfg.distractors), settings, self.data_dir,
